@@ -1,0 +1,1 @@
+"""qtwist: a qmail-compatible mail platform built on Twisted."""
