@@ -1,0 +1,174 @@
+#!/usr/bin/env python3
+"""Acceptance and delivery throughput of `twistd qmail`, without Postfix.
+
+Starts qtwist on a fresh home (made with its own CLI) on a loopback port,
+sends MESSAGES messages of SIZE bytes to one local user over SESSIONS
+concurrent SMTP sessions (a new connection per message, like Postfix's
+smtp-source), and prints accepted msgs/s (until the last 250) and delivered
+msgs/s (until the Maildir holds every message and the queue is empty).
+
+    python bench/accept.py [--sessions 20] [--messages 5000] [--size 10240]
+
+Everything stays on 127.0.0.1; the run is bounded by --max-seconds.
+Work files go to a fresh directory under --work (default: a temporary
+directory) and are left in place: deleting thousands of files slows later
+file creation on some file systems for minutes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+BIN = Path(sys.executable).parent
+
+
+def tool(name: str) -> str:
+    beside = BIN / name
+    return str(beside) if beside.exists() else (shutil.which(name) or name)
+
+
+def qtwist(home: Path, *args: str) -> str:
+    return subprocess.run([tool("qtwist"), "--home", str(home), *args], check=True,
+                          capture_output=True, text=True).stdout
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def wait_until(predicate, timeout: float, step: float = 0.05) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(step)
+    return predicate()
+
+
+def make_body(size: int) -> bytes:
+    head = b"From: <bench@source.test>\r\nTo: <joe@example.test>\r\nSubject: bench\r\n\r\n"
+    line = b"x" * 78 + b"\r\n"
+    lines = (size - len(head)) // len(line) + 1
+    return head + line * lines
+
+
+async def session_worker(port: int, body: bytes, counter: list[int], total: int, errors: list[str]) -> None:
+    while counter[0] < total:
+        counter[0] += 1
+        try:
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            replies = []
+
+            async def reply() -> bytes:
+                while True:
+                    line = await reader.readline()
+                    if not line or line[3:4] != b"-":
+                        replies.append(line)
+                        return line
+
+            await reply()
+            for command in (b"EHLO source.test\r\n", b"MAIL FROM:<bench@source.test>\r\n",
+                            b"RCPT TO:<joe@example.test>\r\n", b"DATA\r\n"):
+                writer.write(command)
+                await reply()
+            writer.write(body + b".\r\n")
+            final = await reply()
+            writer.write(b"QUIT\r\n")
+            await reply()
+            writer.close()
+            if not final.startswith(b"250"):
+                errors.append(final.decode(errors="replace").strip())
+        except OSError as error:
+            errors.append(repr(error))
+
+
+async def load(port: int, sessions: int, messages: int, body: bytes) -> list[str]:
+    counter, errors = [0], []
+    await asyncio.gather(*(session_worker(port, body, counter, messages, errors) for _ in range(sessions)))
+    return errors
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--sessions", type=int, default=20)
+    parser.add_argument("--messages", type=int, default=5000)
+    parser.add_argument("--size", type=int, default=10240)
+    parser.add_argument("--work", default=None, help="directory for the run's files")
+    parser.add_argument("--max-seconds", type=float, default=600)
+    parser.add_argument("--plugins", default="", help="control/plugins entries, comma separated")
+    args = parser.parse_args()
+
+    work = Path(tempfile.mkdtemp(prefix="qtwist-bench-", dir=args.work))
+    home = work / "home"
+    (home / "control").mkdir(parents=True)
+    (home / "control" / "me").write_text("bench.test\n")
+    if args.plugins:
+        (home / "control" / "plugins").write_text("\n".join(args.plugins.split(",")) + "\n")
+    qtwist(home, "domain", "add", "example.test")
+    qtwist(home, "user", "add", "joe@example.test", "--password", "bench-pass")
+    port = free_port()
+    log = open(work / "twistd.log", "wb")
+    server = subprocess.Popen([tool("twistd"), "-n", "--pidfile=", "qmail", "--home", str(home),
+                               "--smtp", f"tcp:{port}:interface=127.0.0.1", "--submission", "none",
+                               "--pop3", "none"], stdout=log, stderr=subprocess.STDOUT)
+    try:
+        def listening() -> bool:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                return True
+            except OSError:
+                return False
+        if not wait_until(listening, 20):
+            print(f"server did not start; see {work / 'twistd.log'}", file=sys.stderr)
+            return 1
+        body = make_body(args.size)
+        maildir_new = home / "domains" / "example.test" / "joe" / "Maildir" / "new"
+        cpu_before = _cpu(server.pid)
+        started = time.monotonic()
+        errors = asyncio.run(asyncio.wait_for(load(port, args.sessions, args.messages, body), args.max_seconds))
+        accepted = time.monotonic() - started
+
+        def delivered() -> bool:
+            return (maildir_new.is_dir() and len(os.listdir(maildir_new)) >= args.messages - len(errors)
+                    and re.search(r"messages in queue: 0\b", qtwist(home, "qstat")) is not None)
+        complete = wait_until(delivered, args.max_seconds)
+        finished = time.monotonic() - started
+        cpu = _cpu(server.pid) - cpu_before
+    finally:
+        server.send_signal(signal.SIGTERM)
+        server.wait(timeout=30)
+        log.close()
+    ok = args.messages - len(errors)
+    print(f"sessions={args.sessions} messages={args.messages} size={args.size} errors={len(errors)}")
+    if errors:
+        print(f"first error: {errors[0]}")
+    print(f"accepted: {ok / accepted:.1f} msgs/s ({accepted:.2f} s)")
+    if complete:
+        print(f"delivered: {ok / finished:.1f} msgs/s ({finished:.2f} s)")
+    else:
+        print("delivered: INCOMPLETE (not every message reached the Maildir in time)")
+    print(f"server CPU: {cpu:.2f} s ({cpu / max(ok, 1) * 1000:.2f} ms/msg)")
+    print(f"work directory: {work}")
+    return 0 if complete and not errors else 1
+
+
+def _cpu(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

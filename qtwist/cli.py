@@ -1,0 +1,248 @@
+"""The ``qtwist`` command: the admin's vadddomain, vadduser, qmail-showctl,
+qmail-qstat and qmail-qread in one place (SPEC §7).
+
+Every failure an admin can cause (a missing home, an unknown domain, a bad
+quota) ends as one line on stderr and exit status 1; usage errors exit 2, as
+argparse does.
+"""
+
+from __future__ import annotations
+
+import argparse
+import getpass
+import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Callable, Iterator
+
+from qtwist.users import UserDB, UsersError
+
+DEFAULT_HOME = Path("/var/qtwist")
+_MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun",
+           "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
+
+
+class CommandError(Exception):
+    """A failure to report as one line on stderr."""
+
+
+# -- domains and users -------------------------------------------------------
+
+def _domain(args: argparse.Namespace) -> None:
+    db = UserDB(args.home)
+    if args.action == "list":
+        for domain in db.domains():
+            print(domain)
+    elif args.action == "add":
+        db.add_domain(args.domain)
+    else:
+        db.delete_domain(args.domain)
+
+
+def _read_password(args: argparse.Namespace) -> str:
+    """The new password from --password, one line of stdin, or a prompt that does not echo."""
+    if args.password is not None:
+        return args.password
+    if args.password_stdin:
+        line = sys.stdin.readline()
+        password = line.removesuffix("\n").removesuffix("\r")
+        if not password:
+            raise CommandError("no password on standard input")
+        return password
+    if not sys.stdin.isatty():
+        raise CommandError("give the password with --password or --password-stdin")
+    try:
+        first = getpass.getpass(f"new password for {args.address}: ")
+        again = getpass.getpass("the same password again: ")
+    except EOFError:
+        raise CommandError("no password given") from None
+    if again != first:
+        raise CommandError("the two passwords differ")
+    return first
+
+
+def _user(args: argparse.Namespace) -> None:
+    db = UserDB(args.home)
+    if args.action == "list":
+        domains = [args.target] if args.target else db.domains()
+        for domain in domains:
+            for user in db.users(domain):
+                print(user.address)
+    elif args.action == "add":
+        db.add_user(args.address, _read_password(args), quota=args.quota,
+                    cleartext=args.cleartext)
+    elif args.action == "passwd":
+        db.set_password(args.address, _read_password(args), cleartext=args.cleartext)
+    else:
+        db.delete_user(args.address)
+
+
+# -- control settings --------------------------------------------------------
+
+def _showctl(args: argparse.Namespace) -> int:
+    """Each setting in force, one per line, as qmail-showctl lists them."""
+    from qtwist import control
+
+    settings, errors = control.load(args.home)
+    for name, shown, is_default in settings.describe():
+        # A list (rcpthosts...) goes on following lines, indented, so each line stays one fact.
+        first, *more = str(shown).split("\n")
+        print(f"{name}: {first}{' (default)' if is_default else ''}")
+        for line in more:
+            print(f"    {line}")
+    for error in errors:
+        print(f"qtwist: {error}", file=sys.stderr)
+    return 1 if errors else 0
+
+
+# -- the queue -----------------------------------------------------------------
+
+@contextmanager
+def _queue_errors() -> Iterator[None]:
+    from qtwist.queue import QueueError
+
+    try:
+        yield
+    except QueueError as error:
+        raise CommandError(str(error)) from None
+
+
+def _printable(text: str) -> str:
+    """What qmail-qread shows of a string: anything outside ASCII 32..126 becomes '_'."""
+    return "".join(char if " " <= char <= "~" else "_" for char in text)
+
+
+def _qread_date(born: float) -> str:
+    """qmail's date822fmt without the zone, e.g. '3 Dec 2026 09:05:07'."""
+    tm = time.gmtime(born)
+    return (f"{tm.tm_mday} {_MONTHS[tm.tm_mon - 1]} {tm.tm_year} "
+            f"{tm.tm_hour:02d}:{tm.tm_min:02d}:{tm.tm_sec:02d}")
+
+
+def _qstat(args: argparse.Namespace) -> None:
+    from qtwist.queue import queue_stat
+
+    with _queue_errors():
+        total, todo = queue_stat(args.home)
+    print(f"messages in queue: {total}")
+    print(f"messages in queue but not yet preprocessed: {todo}")
+
+
+def _qread(args: argparse.Namespace) -> None:
+    """qmail-qread's listing: a line per message, then local and remote recipients."""
+    from qtwist.queue import PENDING, queue_read
+
+    with _queue_errors():
+        messages = queue_read(args.home)
+    for message in messages:
+        print(_printable(f"{_qread_date(message.born)} GMT  #{message.id}  {message.size}  "
+                         f"<{message.sender}> "))
+        for channel in ("local", "remote"):
+            for recipient in message.recipients:
+                if recipient.channel == channel:
+                    # qmail marks a recipient done once it is delivered or bounced.
+                    done = "  done" if recipient.state != PENDING else ""
+                    print(f"{done}\t{channel}\t{_printable(recipient.address)}")
+
+
+def _queue(args: argparse.Namespace) -> None:
+    from qtwist.queue import queue_flush, queue_remove
+
+    with _queue_errors():
+        if args.action == "flush":
+            queue_flush(args.home)
+            return
+        removed = queue_remove(args.home, args.ids, args.match)
+    print(f"removed {removed} message(s)")
+
+
+# -- the parser ------------------------------------------------------------------
+
+def _quota(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive number of bytes")
+    return value
+
+
+def _password_options(parser: argparse.ArgumentParser) -> None:
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument("--password", metavar="P", help="the password (visible to ps; "
+                        "prefer --password-stdin)")
+    source.add_argument("--password-stdin", action="store_true",
+                        help="read the password from the first line of standard input")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="qtwist", description="Manage a qtwist home.")
+    parser.add_argument("--home", type=Path, default=DEFAULT_HOME, metavar="DIR",
+                        help=f"the qtwist home (default {DEFAULT_HOME})")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    domain = commands.add_parser("domain", help="add, delete or list virtual domains")
+    domain_actions = domain.add_subparsers(dest="action", metavar="ACTION", required=True)
+    for action, text in (("add", "create domains/DOMAIN and list it in rcpthosts"),
+                         ("del", "delete the domain, its users and mailboxes")):
+        domain_actions.add_parser(action, help=text).add_argument("domain", metavar="DOMAIN")
+    domain_actions.add_parser("list", help="list the domains")
+    domain.set_defaults(run=_domain)
+
+    user = commands.add_parser("user", help="add, delete, list users or change passwords")
+    user_actions = user.add_subparsers(dest="action", metavar="ACTION", required=True)
+    add = user_actions.add_parser("add", help="add a mailbox")
+    add.add_argument("address", metavar="ADDRESS")
+    _password_options(add)
+    add.add_argument("--quota", type=_quota, metavar="BYTES", help="mailbox size limit")
+    add.add_argument("--cleartext", action="store_true",
+                     help="also store the clear text, which CRAM-MD5 and APOP need")
+    delete = user_actions.add_parser("del", help="delete a user and the mailbox")
+    delete.add_argument("address", metavar="ADDRESS")
+    passwd = user_actions.add_parser("passwd", help="set a new password")
+    passwd.add_argument("address", metavar="ADDRESS")
+    _password_options(passwd)
+    passwd.add_argument("--cleartext", action=argparse.BooleanOptionalAction, default=None,
+                        help="store (or with --no-cleartext drop) the clear text; "
+                             "by default keep doing what was done before")
+    listing = user_actions.add_parser("list", help="list the users of DOMAIN, or of all domains")
+    listing.add_argument("target", nargs="?", metavar="DOMAIN")
+    user.set_defaults(run=_user)
+
+    commands.add_parser("showctl", help="show every control setting in force").set_defaults(
+        run=_showctl)
+    commands.add_parser("qstat", help="count the queued messages").set_defaults(run=_qstat)
+    commands.add_parser("qread", help="list the queued messages").set_defaults(run=_qread)
+
+    queue = commands.add_parser("queue", help="remove queued messages, or retry now")
+    queue_actions = queue.add_subparsers(dest="action", metavar="ACTION", required=True)
+    remove = queue_actions.add_parser("rm", help="remove messages by id, or by a substring")
+    remove.add_argument("ids", nargs="*", metavar="ID")
+    remove.add_argument("--match", metavar="SUBSTRING",
+                        help="remove every message whose sender or a recipient contains this")
+    queue_actions.add_parser("flush", help="retry every deferred delivery now")
+    queue.set_defaults(run=_queue)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command == "queue" and args.action == "rm" and bool(args.ids) == bool(args.match):
+        parser.error("queue rm takes message ids or --match SUBSTRING, not both or neither")
+    if not args.home.is_dir():
+        print(f"qtwist: the home directory {args.home} does not exist", file=sys.stderr)
+        return 1
+    run: Callable[[argparse.Namespace], int | None] = args.run
+    try:
+        return run(args) or 0
+    except (CommandError, UsersError) as error:
+        print(f"qtwist: {error}", file=sys.stderr)
+    except OSError as error:
+        where = f" {error.filename}" if error.filename else ""
+        print(f"qtwist:{where}: {error.strerror or error}", file=sys.stderr)
+    except KeyboardInterrupt:
+        return 130
+    return 1

@@ -1,0 +1,615 @@
+"""qmail control files → one immutable Settings snapshot, reloaded while running.
+
+qmail programs read control/ when they start; qtwist is one long-lived process,
+so ControlWatcher rebuilds the snapshot whenever a file's stat changes (or on
+SIGHUP) and each SMTP session keeps the snapshot it began with.  A file that
+cannot be parsed leaves its last good value in force, so a typo never turns
+relay control or a smarthost route back into a default.
+"""
+
+from __future__ import annotations
+
+import functools
+import ipaddress
+import os
+import signal
+import socket
+import threading
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from types import FrameType, MappingProxyType
+from typing import Any, Callable, Iterator, Mapping
+
+from twisted.application.service import Service
+from twisted.internet.interfaces import IReactorTime
+from twisted.internet.task import LoopingCall
+from twisted.logger import Logger
+
+from qtwist.rules import Rules
+
+LISTENER_NAMES = ("smtp", "submission", "smtps", "pop3", "pop3s")
+
+
+@functools.cache
+def default_me() -> str:
+    """qmail's config-fast fallback for control/me.  Cached: getfqdn may wait on DNS."""
+    return socket.getfqdn().lower()
+
+
+@dataclass(frozen=True)
+class Route:
+    """One smtproutes entry.  domain '' is the default route and '.x' covers the
+    subdomains of x; host '' means "look up the MX as usual"."""
+
+    domain: str
+    host: str
+    port: int | None
+
+    def __str__(self) -> str:
+        return f"{self.domain}:{self.host}" + (f":{self.port}" if self.port is not None else "")
+
+
+# Settings that qmail defaults to control/me when their own file is absent.
+_FOLLOW_ME = ("smtpgreeting", "bouncehost", "doublebouncehost", "envnoathost", "helohost")
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The control files in force at one moment.
+
+    Every field has qmail's default, so ``Settings(me="mx.example.test")`` is a
+    usable snapshot in tests; the host-name fields left empty follow ``me`` and
+    an empty ``locals`` means {me}, as qmail's defaults chain does."""
+
+    me: str = field(default_factory=default_me)
+    rcpthosts: frozenset[str] = frozenset()
+    locals: frozenset[str] = frozenset()
+    virtualdomains: tuple[tuple[str, str], ...] = ()
+    smtpgreeting: str = ""
+    databytes: int = 0
+    badmailfrom: frozenset[str] = frozenset()
+    badrcptto: frozenset[str] = frozenset()
+    queuelifetime: int = 604800
+    bouncefrom: str = "MAILER-DAEMON"
+    bouncehost: str = ""
+    doublebouncehost: str = ""
+    doublebounceto: str = "postmaster"
+    envnoathost: str = ""
+    percenthack: frozenset[str] = frozenset()
+    concurrencylocal: int = 10
+    concurrencyremote: int = 20
+    timeoutconnect: int = 60
+    timeoutremote: int = 1200
+    timeoutsmtpd: int = 1200
+    helohost: str = ""
+    smtproutes: tuple[Route, ...] = ()
+    spfbehavior: int = 0
+    relaygrantlifetime: int = 10800
+    plugins: tuple[str, ...] = ()
+    authrequirestls: bool = False
+    dotqmailprograms: bool = False
+    servercert: Path | None = None
+    listeners: tuple[tuple[str, str], ...] = ()
+    local_domains: frozenset[str] = frozenset()
+    origins: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}), hash=False)
+
+    def __post_init__(self) -> None:
+        for name in _FOLLOW_ME:
+            if not getattr(self, name):
+                object.__setattr__(self, name, self.me)
+        if not self.locals:
+            object.__setattr__(self, "locals", frozenset({self.me}))
+
+    def is_rcpthost(self, domain: str) -> bool:
+        """qmail-smtpd's rcpthosts test: an exact entry, or a '.suffix' entry for
+        a proper subdomain.  Malformed domains (empty labels) never match."""
+        name = _bare_domain(domain)
+        if not name or name.startswith(".") or ".." in name:
+            return False
+        return any(key in self.rcpthosts for key in _lookup_keys(name, with_default=False))
+
+    def local_domain(self, domain: str) -> str | None:
+        """The HOME/domains directory that receives mail for ``domain``: the domain
+        itself, or the prefix of the virtualdomains entry that covers it (exact,
+        then '.suffix', then the '' catch-all; the first entry found decides)."""
+        name = _bare_domain(domain)
+        if name in self.local_domains:
+            return name
+        for key in _lookup_keys(name, with_default=True):
+            prefix = self._virtualdomain_map.get(key)
+            if prefix is not None:
+                prefix = prefix.lower()
+                return prefix if prefix in self.local_domains else None
+        return None
+
+    def route_for(self, domain: str) -> Route | None:
+        """qmail-remote's smtproutes look-up: exact domain, '.suffix' entries from
+        the longest, then the '' default; None means use MX records."""
+        for key in _lookup_keys(_bare_domain(domain), with_default=True):
+            route = self._route_map.get(key)
+            if route is not None:
+                return route
+        return None
+
+    def describe(self) -> list[tuple[str, str, bool]]:
+        """(control name, value as shown, is it the default) for ``qtwist showctl``.
+        Lists show one entry per line."""
+        rows = []
+        for control_field in fields(self):
+            if control_field.name == "origins":
+                continue
+            names = _SOURCES.get(control_field.name, (control_field.name,))
+            value = getattr(self, control_field.name)
+            if control_field.name == "local_domains":
+                is_default = not value
+            else:
+                is_default = all(self.origins.get(name, "default") == "default" for name in names)
+            rows.append((names[0], _show(control_field.name, value), is_default))
+        return rows
+
+    # Last entry wins, as with qmail's constmap; built once per snapshot.
+    @functools.cached_property
+    def _route_map(self) -> dict[str, Route]:
+        return {route.domain: route for route in self.smtproutes}
+
+    @functools.cached_property
+    def _virtualdomain_map(self) -> dict[str, str]:
+        return dict(self.virtualdomains)
+
+
+# Fields fed by a file whose name differs from the field, or by several files.
+_SOURCES: dict[str, tuple[str, ...]] = {
+    "rcpthosts": ("rcpthosts", "morercpthosts"),
+    "servercert": ("servercert.pem",),
+    "local_domains": ("domains",),
+}
+
+
+def _bare_domain(domain: str) -> str:
+    name = domain.lower()
+    return name[:-1] if name.endswith(".") else name
+
+
+def _lookup_keys(name: str, with_default: bool) -> Iterator[str]:
+    """``a.b.c``, ``.b.c``, ``.c`` (and ``''``): the keys qmail tries for a domain."""
+    yield name
+    dot = name.find(".")
+    while dot >= 0:
+        yield name[dot:]
+        dot = name.find(".", dot + 1)
+    if with_default and name:
+        yield ""
+
+
+def _show(name: str, value: Any) -> str:
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if name == "databytes" and value == 0:
+        return "0 (unlimited)"
+    if isinstance(value, (int, str)):
+        return str(value)
+    if value is None:
+        return "(none)"
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, frozenset):
+        entries = sorted(value)
+    elif name == "virtualdomains":
+        entries = [f"{domain}:{prefix}" for domain, prefix in value]
+    elif name == "listeners":
+        entries = [f"{listener} {endpoint}" for listener, endpoint in value]
+    else:
+        entries = [str(entry) for entry in value]
+    return "\n".join(entries) if entries else "(none)"
+
+
+# -- parsing one file ----------------------------------------------------------
+# A parser gets "control/NAME" and the file's (line number, text) entries and
+# returns the value plus "control/NAME:LINE: problem" messages.  Messages quote
+# only what cannot be a secret: smtproutes and listeners lines can hold
+# credentials in some setups, so their values are never repeated.
+
+Entries = list[tuple[int, str]]
+Parser = Callable[[str, Entries], tuple[Any, list[str]]]
+
+
+def _first_line(where: str, entries: Entries) -> tuple[str, list[str]]:
+    return entries[0][1], []
+
+
+def _host_name(where: str, entries: Entries) -> tuple[str, list[str]]:
+    return entries[0][1].lower(), []
+
+
+def _number(where: str, entries: Entries) -> tuple[int | None, list[str]]:
+    number, text = entries[0]
+    if not (text.isascii() and text.isdigit()):
+        return None, [f"{where}:{number}: not a number: {text!r}"]
+    return int(text), []
+
+
+def _flag(where: str, entries: Entries) -> tuple[bool | None, list[str]]:
+    value, errors = _number(where, entries)
+    return (None if value is None else value != 0), errors
+
+
+def _lowercase_set(where: str, entries: Entries) -> tuple[frozenset[str], list[str]]:
+    return frozenset(text.lower() for _, text in entries), []
+
+
+def _line_tuple(where: str, entries: Entries) -> tuple[tuple[str, ...], list[str]]:
+    return tuple(text for _, text in entries), []
+
+
+def _virtualdomains(where: str, entries: Entries) -> tuple[tuple[tuple[str, str], ...], list[str]]:
+    pairs, errors = [], []
+    for number, text in entries:
+        domain, colon, prefix = text.partition(":")
+        if not colon:
+            errors.append(f"{where}:{number}: missing ':' between domain and prefix")
+        elif not prefix.strip():
+            errors.append(f"{where}:{number}: empty prefix")
+        else:
+            pairs.append((domain.strip().lower(), prefix.strip()))
+    return tuple(pairs), errors
+
+
+def _smtproutes(where: str, entries: Entries) -> tuple[tuple[Route, ...], list[str]]:
+    routes, errors = [], []
+    for number, text in entries:
+        try:
+            routes.append(_route(text))
+        except ValueError as problem:
+            errors.append(f"{where}:{number}: {problem}")
+    return tuple(routes), errors
+
+
+def _route(text: str) -> Route:
+    """``domain:relay[:port]``; relay may be a name, an IP or ``[IP]``, or empty."""
+    domain, colon, rest = text.partition(":")
+    domain = domain.strip().lower()
+    if not colon:
+        raise ValueError(f"missing ':' after the domain {domain!r}")
+    label = repr(domain) if domain else "the default route"
+    rest = rest.strip()
+    if rest.startswith("["):
+        closing = rest.find("]")
+        if closing < 0:
+            raise ValueError(f"unclosed '[' in the relay for {label}")
+        host, after = rest[:closing + 1], rest[closing + 1:]
+        try:
+            ipaddress.ip_address(host[1:-1].removeprefix("IPv6:"))
+        except ValueError:
+            raise ValueError(f"bad IP literal in the relay for {label}") from None
+        if after and not after.startswith(":"):
+            raise ValueError(f"unexpected text after the relay for {label}")
+        port_text = after[1:]
+    else:
+        host, _, port_text = rest.partition(":")
+    host, port_text = host.strip().lower(), port_text.strip()
+    if any(char.isspace() for char in host + port_text):
+        raise ValueError(f"unexpected text after the relay for {label} (authenticated routes are not supported)")
+    if not port_text:
+        return Route(domain, host, None)
+    if not (port_text.isascii() and port_text.isdigit()) or not 0 < int(port_text) < 65536:
+        raise ValueError(f"bad port for {label} (expected 1-65535)")
+    return Route(domain, host, int(port_text))
+
+
+def _listeners(where: str, entries: Entries) -> tuple[tuple[tuple[str, str], ...], list[str]]:
+    listeners, errors = [], []
+    for number, text in entries:
+        parts = text.split(None, 1)
+        name = parts[0].lower()
+        if name not in LISTENER_NAMES:
+            errors.append(f"{where}:{number}: unknown listener {name!r} (expected one of {', '.join(LISTENER_NAMES)})")
+        elif len(parts) < 2:
+            errors.append(f"{where}:{number}: missing endpoint after {name!r}")
+        else:
+            listeners.append((name, parts[1].strip()))
+    return tuple(listeners), errors
+
+
+# (file under control/, Settings field, parser), in the order qmail-showctl lists them.
+CONTROLS: tuple[tuple[str, str, Parser], ...] = (
+    ("me", "me", _host_name),
+    ("rcpthosts", "rcpthosts", _lowercase_set),
+    ("morercpthosts", "rcpthosts", _lowercase_set),
+    ("locals", "locals", _lowercase_set),
+    ("virtualdomains", "virtualdomains", _virtualdomains),
+    ("smtpgreeting", "smtpgreeting", _first_line),
+    ("databytes", "databytes", _number),
+    ("badmailfrom", "badmailfrom", _lowercase_set),
+    ("badrcptto", "badrcptto", _lowercase_set),
+    ("queuelifetime", "queuelifetime", _number),
+    ("bouncefrom", "bouncefrom", _first_line),
+    ("bouncehost", "bouncehost", _first_line),
+    ("doublebouncehost", "doublebouncehost", _first_line),
+    ("doublebounceto", "doublebounceto", _first_line),
+    ("envnoathost", "envnoathost", _first_line),
+    ("percenthack", "percenthack", _lowercase_set),
+    ("concurrencylocal", "concurrencylocal", _number),
+    ("concurrencyremote", "concurrencyremote", _number),
+    ("timeoutconnect", "timeoutconnect", _number),
+    ("timeoutremote", "timeoutremote", _number),
+    ("timeoutsmtpd", "timeoutsmtpd", _number),
+    ("helohost", "helohost", _first_line),
+    ("smtproutes", "smtproutes", _smtproutes),
+    ("spfbehavior", "spfbehavior", _number),
+    ("relaygrantlifetime", "relaygrantlifetime", _number),
+    ("plugins", "plugins", _line_tuple),
+    ("authrequirestls", "authrequirestls", _flag),
+    ("dotqmailprograms", "dotqmailprograms", _flag),
+    ("listeners", "listeners", _listeners),
+)
+
+
+def _entries(text: str) -> Entries:
+    """Non-blank, non-comment lines with their numbers, whitespace stripped."""
+    entries = []
+    for number, raw in enumerate(text.splitlines(), 1):
+        line = raw.strip()
+        if line and not line.startswith("#"):
+            entries.append((number, line))
+    return entries
+
+
+# -- reading with a stat cache ---------------------------------------------------
+
+Signature = tuple[int, int, int]
+
+_cache: dict[str, tuple[Signature, str]] = {}
+_cache_lock = threading.Lock()
+
+
+def _signature(path: Path) -> Signature | None:
+    """What tells us a file changed without reading it; None if it is absent."""
+    try:
+        status = path.stat()
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    return (status.st_mtime_ns, status.st_size, status.st_ino)
+
+
+def _read(path: Path, reread: bool) -> str | None:
+    """The file's text, from the cache while its stat is unchanged; None if absent.
+    Raises OSError when it exists but cannot be read."""
+    key = str(path)
+    signature = _signature(path)
+    if signature is None:
+        with _cache_lock:
+            _cache.pop(key, None)
+        return None
+    with _cache_lock:
+        cached = _cache.get(key)
+    if cached is not None and cached[0] == signature and not reread:
+        return cached[1]
+    # A change between the stat and the read leaves an old signature with new
+    # text, so the next look re-reads: stale never sticks.
+    text = path.read_bytes().decode("utf-8", "replace")
+    with _cache_lock:
+        _cache[key] = (signature, text)
+    return text
+
+
+def load(home: Path, previous: Settings | None = None, *, reread: bool = False) -> tuple[Settings, list[str]]:
+    """Settings from HOME/control and HOME/domains, plus error messages.
+
+    A file with no entries counts as absent.  A file that cannot be read or
+    parsed keeps the value ``previous`` had from it (the default if it had none
+    from a file).  ``reread`` ignores the stat cache, for SIGHUP.  Blocking disk
+    work: the watcher calls it on the reactor thread, which the few small files
+    make acceptable."""
+    home = Path(home)
+    control = home / "control"
+    values: dict[str, Any] = {}
+    origins: dict[str, str] = {}
+    failed: set[str] = set()
+    errors: list[str] = []
+    for name, field_name, parse in CONTROLS:
+        where = f"control/{name}"
+        origins[name] = "default"
+        try:
+            text = _read(control / name, reread)
+        except OSError as problem:
+            errors.append(f"{where}: cannot read: {problem.strerror or problem}")
+            failed.add(field_name)
+            continue
+        entries = _entries(text) if text is not None else []
+        if not entries:
+            continue
+        value, problems = parse(where, entries)
+        if problems:
+            errors.extend(problems)
+            failed.add(field_name)
+            continue
+        origins[name] = where
+        values[field_name] = values[field_name] | value if field_name in values else value
+    for field_name in failed:
+        _keep_last_good(field_name, previous, values, origins)
+    values["servercert"], origins["servercert.pem"] = _servercert(control)
+    values["local_domains"] = _local_domains(home / "domains", previous, errors)
+    return Settings(**values, origins=MappingProxyType(origins)), errors
+
+
+def _keep_last_good(field_name: str, previous: Settings | None, values: dict[str, Any],
+                    origins: dict[str, str]) -> None:
+    """Put back what ``previous`` had for a field whose file is broken now."""
+    names = [name for name, target, _ in CONTROLS if target == field_name]
+    came_from_file = previous is not None and any(
+        previous.origins.get(name, "default") != "default" for name in names)
+    if not came_from_file:
+        values.pop(field_name, None)
+        return
+    values[field_name] = getattr(previous, field_name)
+    for name in names:
+        origins[name] = previous.origins.get(name, "default")
+
+
+def _servercert(control: Path) -> tuple[Path | None, str]:
+    path = control / "servercert.pem"
+    try:
+        present = path.is_file()
+    except OSError:
+        present = False
+    return (path, "control/servercert.pem") if present else (None, "default")
+
+
+def _local_domains(domains: Path, previous: Settings | None, errors: list[str]) -> frozenset[str]:
+    """Every directory under HOME/domains is a local virtual domain."""
+    try:
+        with os.scandir(domains) as listing:
+            return frozenset(entry.name.lower() for entry in listing
+                             if not entry.name.startswith(".") and entry.is_dir())
+    except (FileNotFoundError, NotADirectoryError):
+        return frozenset()
+    except OSError as problem:
+        errors.append(f"domains: cannot list: {problem.strerror or problem}")
+        return previous.local_domains if previous is not None else frozenset()
+
+
+# -- keeping it current ------------------------------------------------------------
+
+class ControlWatcher(Service):
+    """Holds the Settings and tcp.smtp Rules in force and keeps them current.
+
+    Every ``interval`` seconds it stats the control files, tcp.smtp and the
+    domains directory (nothing is read unless a stat changed); SIGHUP forces a
+    full re-read.  Subscribers are called with the new Settings after every
+    reload that touched control/ or domains/, even when the values are equal,
+    because a renewed servercert.pem keeps its path."""
+
+    log = Logger()
+
+    def __init__(self, home: Path, clock: IReactorTime | None = None, interval: float = 1.0) -> None:
+        self.home = Path(home)
+        self.interval = interval
+        self._clock = clock
+        self._subscribers: list[Callable[[Settings], object]] = []
+        self._loop: LoopingCall | None = None
+        self._previous_sighup: Any = None
+        self._sighup_installed = False
+        self._stamps = self._stat_all()
+        self._errors: frozenset[str] = frozenset()
+        self.settings, errors = load(self.home)
+        self._report(errors, everything=True)
+        self.rules = self._load_rules(Rules.allow_all())
+
+    def subscribe(self, callback: Callable[[Settings], object]) -> None:
+        self._subscribers.append(callback)
+
+    def startService(self) -> None:
+        super().startService()
+        self._loop = LoopingCall(self._poll)
+        self._loop.clock = self._time()
+        self._loop.start(self.interval, now=False)
+        if self._owns_signals():
+            self._previous_sighup = signal.signal(signal.SIGHUP, self._on_sighup)
+            self._sighup_installed = True
+
+    def stopService(self) -> None:
+        if self._loop is not None and self._loop.running:
+            self._loop.stop()
+        self._loop = None
+        if self._sighup_installed:
+            if signal.getsignal(signal.SIGHUP) == self._on_sighup:
+                previous = self._previous_sighup
+                signal.signal(signal.SIGHUP, signal.SIG_DFL if previous is None else previous)
+            self._sighup_installed = False
+        return super().stopService()
+
+    def reload(self) -> bool:
+        """Re-read everything, ignoring the stat cache; True if settings or rules changed."""
+        self._stamps = self._stat_all()
+        return self._refresh(control=True, tcp=True, forced=True)
+
+    def _poll(self) -> None:
+        # An exception would stop the LoopingCall for good, so log it and go on.
+        try:
+            stamps = self._stat_all()
+            if stamps == self._stamps:
+                return
+            changed = {path for path, stamp in stamps.items() if self._stamps.get(path) != stamp}
+            self._stamps = stamps
+            tcp = self.home / "tcp.smtp"
+            self._refresh(control=bool(changed - {tcp}), tcp=tcp in changed, forced=False)
+        except Exception:
+            self.log.failure("control: reload failed")
+
+    def _refresh(self, control: bool, tcp: bool, forced: bool) -> bool:
+        changed = False
+        if control:
+            old = self.settings
+            self.settings, errors = load(self.home, old, reread=forced)
+            self._report(errors, everything=forced)
+            before = {name: (shown, default) for name, shown, default in old.describe()}
+            for name, shown, default in self.settings.describe():
+                if before.get(name) != (shown, default):
+                    where = "domains" if name == "domains" else f"control/{name}"
+                    self.log.info("control: reloaded {where}", where=where)
+            changed = self.settings != old
+            for callback in list(self._subscribers):
+                try:
+                    callback(self.settings)
+                except Exception:
+                    self.log.failure("control: subscriber {callback!r} failed", callback=callback)
+        if tcp:
+            old_rules = self.rules
+            self.rules = self._load_rules(old_rules)
+            self.log.info("control: reloaded tcp.smtp")
+            changed = changed or self.rules != old_rules
+        return changed
+
+    def _report(self, errors: list[str], everything: bool) -> None:
+        """Log parse errors; while polling, only the ones not logged already,
+        since an unchanged broken file is parsed again whenever another changes."""
+        for error in errors:
+            if everything or error not in self._errors:
+                self.log.error("control: {error}", error=error)
+        self._errors = frozenset(errors)
+
+    def _load_rules(self, current: Rules) -> Rules:
+        """tcp.smtp, or allow-all when it is absent; an unreadable file keeps ``current``."""
+        path = self.home / "tcp.smtp"
+        try:
+            text = path.read_bytes().decode("utf-8", "replace")
+        except (FileNotFoundError, NotADirectoryError):
+            return Rules.allow_all()
+        except OSError as problem:
+            self.log.error("control: tcp.smtp: cannot read: {problem}", problem=problem.strerror or problem)
+            return current
+        rules, errors = Rules.parse(text, "tcp.smtp")
+        for error in errors:
+            self.log.error("control: {error}", error=error)
+        return rules
+
+    def _stat_all(self) -> dict[Path, Signature | None]:
+        control = self.home / "control"
+        paths = [control / name for name, _, _ in CONTROLS]
+        paths += [control / "servercert.pem", self.home / "tcp.smtp", self.home / "domains"]
+        return {path: _signature(path) for path in paths}
+
+    def _time(self) -> IReactorTime:
+        if self._clock is not None:
+            return self._clock
+        from twisted.internet import reactor
+        return reactor  # type: ignore[return-value]
+
+    def _owns_signals(self) -> bool:
+        """Signal handlers only make sense for the real reactor in the main thread."""
+        if not hasattr(signal, "SIGHUP") or threading.current_thread() is not threading.main_thread():
+            return False
+        from twisted.internet import reactor
+        return self._clock is None or self._clock is reactor
+
+    def _on_sighup(self, signum: int, frame: FrameType | None) -> None:
+        # A signal can land in the middle of reactor code: hand the work over.
+        from twisted.internet import reactor
+        reactor.callFromThread(self._hangup)  # type: ignore[attr-defined]
+        previous = self._previous_sighup
+        if callable(previous):
+            previous(signum, frame)
+
+    def _hangup(self) -> None:
+        self.log.info("control: SIGHUP, re-reading everything")
+        self.reload()

@@ -1,0 +1,779 @@
+"""The POP3 server: RFC 1939 with CAPA (RFC 2449), STLS (RFC 2595), UIDL, TOP, APOP.
+
+qmail's qmail-popup + checkpassword + qmail-pop3d in one protocol over the
+vpasswd users' Maildirs.  Twisted's ``pop3.POP3`` is not used: its APOP never
+succeeds, it has no STLS, and its Maildir mailbox moves messages away on DELE
+(so a dropped connection loses them); fixing those would mean replacing most
+of it.  This one keeps what made it worth a look: commands are answered in
+order, one at a time, while slow work (password hashing, directory scans,
+deletions) runs in worker threads, and RETR/TOP stream from the file.
+
+Maildir handling follows the Maildir spec as qmail-pop3d does: at login new/
+moves to cur/ with ``:2,`` info, DELE only marks, QUIT unlinks; unlike
+qmail-pop3d the STAT/LIST sizes are the exact octets sent (CRLF line ends),
+as RFC 1939 asks.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import inspect
+import os
+import secrets
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, TYPE_CHECKING, Callable, Coroutine, Iterator
+
+from twisted.internet.address import IPv4Address, IPv6Address
+from twisted.internet.defer import Deferred
+from twisted.internet.error import ConnectionLost
+from twisted.internet.interfaces import (IPullProducer, IReactorTime, ISSLTransport, ITCPTransport,
+                                         ITLSTransport)
+from twisted.internet.protocol import ServerFactory
+from twisted.internet.task import deferLater
+from twisted.internet.threads import deferToThread
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.protocols.basic import LineReceiver
+from twisted.protocols.policies import TimeoutMixin
+from zope.interface import implementer
+
+from qtwist.grants import Grants
+from qtwist.users import User, UserDB
+
+if TYPE_CHECKING:
+    from qtwist.control import Settings
+
+_log = Logger()
+
+IDLE_TIMEOUT = 600  # RFC 1939 §3: at least 10 minutes
+CLOSE_GRACE = 30  # how long a client gets to finish closing before the connection is cut
+FAILED_LOGIN_DELAY = 1.0  # slows password guessing; the reply waits, the reactor does not
+# RFC 2449 allows 255 octets a command; some clients send longer passwords.
+MAX_COMMAND_LENGTH = 1024
+CHUNK_SIZE = 65536
+_MAX_UID_LENGTH = 70  # RFC 1939 §7
+
+AUTHORIZATION, TRANSACTION, UPDATE = "AUTHORIZATION", "TRANSACTION", "UPDATE"
+
+# What a command handler returns: None when it has replied, or the work still to do.
+Outcome = Coroutine[object, object, None] | None
+
+
+# ---------------------------------------------------------------------------
+# Message text as sent: CRLF line ends, dot-stuffing, TOP's cut.
+# ---------------------------------------------------------------------------
+
+
+def crlf_chunks(handle: IO[bytes], chunk_size: int = CHUNK_SIZE) -> Iterator[bytes]:
+    """The file's bytes with every bare LF made CRLF, and a final line end if missing.
+
+    Maildir files have LF ends (qmail-local writes them so); CRLF ends already
+    there stay as they are.  Yields no empty chunk.
+    """
+    carry = b""
+    last = b""
+    while data := handle.read(chunk_size):
+        last = data[-1:]
+        data = carry + data
+        # A CR at the end may be half of a CRLF split across two reads.
+        carry = b"\r" if data.endswith(b"\r") else b""
+        if carry:
+            data = data[:-1]
+        if data:
+            yield data.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
+    if carry:
+        yield b"\r\n"
+    elif last and last != b"\n":
+        yield b"\r\n"
+
+
+def open_message(path: Path) -> IO[bytes]:
+    """The message file for reading; never through a symlink, which could point at any file
+    the server may read (a key, another user's mail)."""
+    return os.fdopen(os.open(path, os.O_RDONLY | os.O_NOFOLLOW), "rb")
+
+
+def message_size(path: Path) -> int:
+    """The octets RETR sends for ``path`` before dot-stuffing (what STAT and LIST report)."""
+    with open_message(path) as handle:
+        return sum(len(chunk) for chunk in crlf_chunks(handle))
+
+
+def top_chunks(chunks: Iterator[bytes], body_lines: int) -> Iterator[bytes]:
+    """The header, the blank line and the first ``body_lines`` body lines of CRLF text.
+
+    Relies on ``crlf_chunks`` never ending a chunk between CR and LF, so a
+    CRLFCRLF split across chunks shows as one chunk ending in CRLF and the
+    next starting with CRLF.
+    """
+    in_header = True
+    at_line_start = True
+    lines_left = body_lines
+    for chunk in chunks:
+        position = 0
+        if in_header:
+            if at_line_start and chunk.startswith(b"\r\n"):
+                position = 2
+            else:
+                blank = chunk.find(b"\r\n\r\n")
+                if blank < 0:
+                    yield chunk
+                    at_line_start = chunk.endswith(b"\r\n")
+                    continue
+                position = blank + 4
+            in_header = False
+        while lines_left:
+            end = chunk.find(b"\r\n", position)
+            if end < 0:
+                break
+            position = end + 2
+            lines_left -= 1
+        if not lines_left:
+            yield chunk[:position]
+            return
+        yield chunk
+
+
+def dot_stuffed(chunks: Iterator[bytes]) -> Iterator[bytes]:
+    """CRLF text made into a POP3 multi-line body: '.'-led lines doubled, '.' CRLF at the end."""
+    at_line_start = True
+    for chunk in chunks:
+        stuffed = chunk.replace(b"\r\n.", b"\r\n..")
+        if at_line_start and chunk.startswith(b"."):
+            stuffed = b"." + stuffed
+        at_line_start = chunk.endswith(b"\r\n")
+        yield stuffed
+    yield b".\r\n"
+
+
+# ---------------------------------------------------------------------------
+# The maildrop (blocking functions: they run in worker threads).
+# ---------------------------------------------------------------------------
+
+
+@dataclass
+class Message:
+    """One message of a session's maildrop."""
+
+    path: Path
+    uid: str
+    size: int | None = None  # measured on first need, then kept for the session
+    deleted: bool = False
+
+
+def unique_id(file_name: str) -> str:
+    """The UIDL of a Maildir file: its unique name (before ':'), which never changes.
+
+    RFC 1939 allows only 1–70 characters 0x21–0x7E; a name outside that (an
+    odd delivery agent's) is replaced by a digest of it, still stable.
+    """
+    unique = file_name.split(":", 1)[0]
+    if 0 < len(unique) <= _MAX_UID_LENGTH and all(0x21 <= ord(char) <= 0x7E for char in unique):
+        return unique
+    return hashlib.md5(unique.encode("utf-8", "surrogateescape")).hexdigest()
+
+
+def with_seen_flag(file_name: str) -> str:
+    """The Maildir name with the S (seen) flag, flags kept in ASCII order as the spec asks."""
+    unique, colon, info = file_name.partition(":")
+    if not colon:
+        return f"{unique}:2,S"
+    if not info.startswith("2,") or "S" in info[2:]:
+        return file_name  # already seen, or an info field we do not understand
+    return f"{unique}:2,{''.join(sorted(info[2:] + 'S'))}"
+
+
+def _visible_files(folder: Path) -> list[os.DirEntry[str]]:
+    try:
+        entries = list(os.scandir(folder))
+    except FileNotFoundError:
+        return []
+    visible = []
+    for entry in entries:
+        try:
+            if not entry.name.startswith(".") and entry.is_file(follow_symlinks=False):
+                visible.append(entry)
+        except OSError:
+            continue
+    return visible
+
+
+def open_maildrop(maildir: Path) -> list[Message]:
+    """Move new/ into cur/ and list cur/ in delivery order (mtime, then name).
+
+    The rename keeps the unique name, so a crash before it is durable only
+    means the message is found in new/ again, with the same UIDL.
+    """
+    new, cur = maildir / "new", maildir / "cur"
+    arrived = _visible_files(new)
+    if arrived:
+        cur.mkdir(exist_ok=True)
+    for entry in arrived:
+        target = entry.name if ":" in entry.name else f"{entry.name}:2,"
+        try:
+            os.rename(entry.path, cur / target)
+        except FileNotFoundError:
+            continue  # taken away meanwhile
+    listed = []
+    for entry in _visible_files(cur):
+        try:
+            listed.append((entry.stat(follow_symlinks=False).st_mtime, entry.name))
+        except FileNotFoundError:
+            continue
+    listed.sort()
+    return [Message(cur / name, unique_id(name)) for _, name in listed]
+
+
+def measure(paths: list[Path]) -> list[int]:
+    """Sizes of the files as sent; a file gone or unreadable counts 0 (RETR will say so)."""
+    sizes = []
+    for path in paths:
+        try:
+            sizes.append(message_size(path))
+        except OSError:
+            sizes.append(0)
+    return sizes
+
+
+def _fsync_directory(folder: Path) -> None:
+    try:
+        descriptor = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    except FileNotFoundError:
+        return
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
+def remove_messages(maildir: Path, paths: list[Path]) -> int:
+    """Unlink the messages deleted in the session and make that durable; return failures.
+
+    new/ is synced first: the login's renames out of it must be on disk before
+    the unlinks, or a crash could bring a deleted message back in new/.
+    """
+    _fsync_directory(maildir / "new")
+    failures = 0
+    for path in paths:
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            continue  # already gone: the client's wish holds
+        except OSError:
+            failures += 1
+    _fsync_directory(maildir / "cur")
+    return failures
+
+
+def apop_user(users: UserDB, address: str, timestamp: str, digest: str) -> User | None:
+    """The user when ``digest`` is MD5(timestamp + cleartext password) (RFC 1939 §7)."""
+    user = users.lookup(address)
+    if user is None or not user.cleartext:
+        return None
+    expected = hashlib.md5((timestamp + user.cleartext).encode("utf-8")).hexdigest()
+    given = digest.lower().encode("utf-8", "surrogateescape")
+    return user if hmac.compare_digest(expected.encode("ascii"), given) else None
+
+
+def login_address(login: str) -> str:
+    """``user%domain`` (for clients that cannot send '@' in a login) as ``user@domain``."""
+    if "@" not in login and "%" in login:
+        user, _, domain = login.rpartition("%")
+        return f"{user}@{domain}"
+    return login
+
+
+def _printable(text: str) -> str:
+    """Client text fit for one log line."""
+    return "".join(char if char.isprintable() else "?" for char in text)
+
+
+# ---------------------------------------------------------------------------
+# Streaming a message to the client.
+# ---------------------------------------------------------------------------
+
+
+@implementer(IPullProducer)
+class MessageSender:
+    """Writes a message a chunk at a time, each time the transport wants more.
+
+    Reads happen on the reactor thread, a chunk at a time, as Twisted's
+    FileSender does: only one chunk is ever in memory.
+    """
+
+    def __init__(self, handle: IO[bytes], chunks: Iterator[bytes],
+                 on_progress: Callable[[], None]) -> None:
+        self._handle = handle
+        self._chunks = chunks
+        self._on_progress = on_progress
+        self._consumer: ITCPTransport | None = None
+        self._done: Deferred[None] | None = None
+
+    def send(self, consumer: ITCPTransport) -> Deferred[None]:
+        """Fires when the last chunk is written; fails if the connection or the file fails."""
+        self._consumer = consumer
+        self._done = Deferred()
+        done = self._done
+        consumer.registerProducer(self, False)
+        return done
+
+    def resumeProducing(self) -> None:
+        if self._done is None:
+            return
+        try:
+            chunk = next(self._chunks, None)
+        except OSError as error:
+            # Half a message must never look complete: the client sees the connection drop.
+            self._finish(error)
+            self._consumer.abortConnection()
+            return
+        if chunk is None:
+            self._finish(None)
+        else:
+            self._on_progress()
+            self._consumer.write(chunk)
+
+    def stopProducing(self) -> None:
+        if self._done is not None:
+            self._finish(ConnectionLost("the client went away during the transfer"))
+
+    def _finish(self, error: Exception | None) -> None:
+        done, self._done = self._done, None
+        self._handle.close()
+        self._consumer.unregisterProducer()
+        if error is None:
+            done.callback(None)
+        else:
+            done.errback(error)
+
+
+# ---------------------------------------------------------------------------
+# The protocol.
+# ---------------------------------------------------------------------------
+
+
+class POP3Server(LineReceiver, TimeoutMixin):
+    """One POP3 session.
+
+    A command whose handler returns a coroutine pauses line delivery until it
+    is done, so pipelined commands (RFC 2449 PIPELINING) are answered in order.
+    """
+
+    delimiter = b"\n"  # CRLF, tolerating bare LF; the CR is stripped per line
+    MAX_LENGTH = MAX_COMMAND_LENGTH
+
+    def __init__(self, factory: POP3Factory) -> None:
+        self.factory = factory
+        self.callLater = factory.clock.callLater  # for TimeoutMixin
+        self._state = AUTHORIZATION
+        self._user_name: str | None = None
+        self._timestamp = ""
+        self._encrypted = False
+        self._gone = False
+        self._closing = False
+        self._lock_key: str | None = None
+        self._maildir: Path | None = None
+        self._messages: list[Message] = []
+        self._client_ip: str | None = None
+        self._handlers: dict[str, tuple[tuple[str, ...], Callable[[str], Outcome]]] = {
+            "USER": ((AUTHORIZATION,), self.do_USER),
+            "PASS": ((AUTHORIZATION,), self.do_PASS),
+            "APOP": ((AUTHORIZATION,), self.do_APOP),
+            "STLS": ((AUTHORIZATION,), self.do_STLS),
+            "CAPA": ((AUTHORIZATION, TRANSACTION), self.do_CAPA),
+            "NOOP": ((AUTHORIZATION, TRANSACTION), self.do_NOOP),
+            "QUIT": ((AUTHORIZATION, TRANSACTION), self.do_QUIT),
+            "STAT": ((TRANSACTION,), self.do_STAT),
+            "LIST": ((TRANSACTION,), self.do_LIST),
+            "UIDL": ((TRANSACTION,), self.do_UIDL),
+            "RETR": ((TRANSACTION,), self.do_RETR),
+            "TOP": ((TRANSACTION,), self.do_TOP),
+            "DELE": ((TRANSACTION,), self.do_DELE),
+            "RSET": ((TRANSACTION,), self.do_RSET),
+        }
+
+    # -- connection --------------------------------------------------------------
+
+    def connectionMade(self) -> None:
+        peer = self.transport.getPeer()
+        if isinstance(peer, (IPv4Address, IPv6Address)):
+            self._client_ip = peer.host
+        # True for implicit TLS (pop3s); STLS sets it later.
+        self._encrypted = ISSLTransport.providedBy(self.transport)
+        self.setTimeout(self.factory.idle_timeout)
+        # The APOP timestamp: a msg-id unique to this greeting (RFC 1939 §7).
+        me = self.factory.settings().me
+        self._timestamp = f"<{os.getpid()}.{secrets.token_hex(8)}.{int(time.time())}@{me}>"
+        self._reply(f"+OK {self._timestamp}")
+
+    def connectionLost(self, reason: object = None) -> None:
+        self._gone = True
+        self.setTimeout(None)
+        if self._state != UPDATE:  # QUIT releases the lock once its deletions are done
+            self._release_lock()
+
+    def timeoutConnection(self) -> None:
+        if self._closing:
+            # It never read our last bytes, or never answered a TLS close: cut it.
+            self.transport.abortConnection()
+            return
+        self._reply("-ERR autologout time elapsed")
+        self._close()
+        self.setTimeout(CLOSE_GRACE)
+
+    def lineLengthExceeded(self, line: bytes) -> None:
+        self._reply("-ERR line too long")
+        self._close()
+
+    def _close(self) -> None:
+        """Close after the last reply; commands already pipelined behind it are ignored."""
+        self._closing = True
+        self.transport.loseConnection()
+
+    def lineReceived(self, line: bytes) -> None:
+        if self._closing:
+            return
+        self.resetTimeout()
+        text = line.rstrip(b"\r").decode("utf-8", "surrogateescape")
+        verb, _, argument = text.partition(" ")
+        verb = verb.upper()
+        known = self._handlers.get(verb)
+        if known is None:
+            self._reply("-ERR unimplemented")
+            return
+        states, handler = known
+        if self._state not in states:
+            self._reply(f"-ERR {verb} is not valid in the {self._state} state")
+            return
+        outcome = handler(argument)
+        if inspect.iscoroutine(outcome):
+            self.pauseProducing()
+            running = Deferred.fromCoroutine(outcome)
+            running.addErrback(self._failed, verb)
+            running.addBoth(self._next_command)
+
+    def _failed(self, failure: Failure, verb: str) -> None:
+        if self._gone:
+            return
+        _log.failure("pop3d: {verb} failed", failure, verb=verb)
+        self._reply("-ERR [SYS/TEMP] internal error, try again later")
+
+    def _next_command(self, _: object) -> None:
+        # Reading resumes even when closing: a TLS close waits for the client's close_notify.
+        if not self._gone and self.paused:
+            self.resumeProducing()
+
+    def _reply(self, text: str) -> None:
+        self.transport.write(text.encode("utf-8", "surrogateescape") + b"\r\n")
+
+    def _reply_lines(self, first: str, lines: list[str]) -> None:
+        """A multi-line reply; these lines never start with '.', so need no stuffing."""
+        body = "".join(f"{line}\r\n" for line in lines)
+        self.transport.write(f"{first}\r\n{body}.\r\n".encode("ascii"))
+
+    # -- AUTHORIZATION -------------------------------------------------------------
+
+    def _plaintext_allowed(self) -> bool:
+        return self._encrypted or not self.factory.require_tls
+
+    def _tls_available(self) -> bool:
+        return (self.factory.tls_options is not None and not self._encrypted
+                and ITLSTransport.providedBy(self.transport))
+
+    def do_CAPA(self, argument: str) -> None:
+        capabilities = ["TOP", "UIDL"]
+        if self._state == AUTHORIZATION and self._plaintext_allowed():
+            capabilities.append("USER")
+        capabilities += ["PIPELINING", "RESP-CODES", "AUTH-RESP-CODE"]
+        if self._state == AUTHORIZATION and self._tls_available():
+            capabilities.append("STLS")
+        capabilities.append("IMPLEMENTATION qtwist")
+        self._reply_lines("+OK capability list follows", capabilities)
+
+    def do_STLS(self, argument: str) -> None:
+        if self._encrypted:
+            self._reply("-ERR already using TLS")
+            return
+        if not self._tls_available():
+            self._reply("-ERR STLS not available")
+            return
+        self._reply("+OK begin TLS negotiation")
+        # Anything pipelined after STLS came in the clear: never act on it (RFC 2595 §4).
+        self.clearLineBuffer()
+        self.transport.startTLS(self.factory.tls_options)
+        self._encrypted = True
+        self._user_name = None
+
+    def do_USER(self, argument: str) -> None:
+        if not self._plaintext_allowed():
+            self._reply("-ERR [AUTH] use STLS before logging in")
+            return
+        if not argument.strip():
+            self._reply("-ERR syntax error")
+            return
+        self._user_name = argument.strip()
+        self._reply("+OK")
+
+    def do_PASS(self, argument: str) -> Outcome:
+        if not self._plaintext_allowed():
+            self._reply("-ERR [AUTH] use STLS before logging in")
+            return None
+        if self._user_name is None:
+            self._reply("-ERR USER first")
+            return None
+        address = login_address(self._user_name)
+        self._user_name = None
+        users = self.factory.users
+        return self._login(address, lambda: users.authenticate(address, argument))
+
+    def do_APOP(self, argument: str) -> Outcome:
+        if not self._plaintext_allowed():
+            self._reply("-ERR [AUTH] use STLS before logging in")
+            return None
+        name, _, digest = argument.strip().rpartition(" ")
+        if not name or not digest:
+            self._reply("-ERR syntax error")
+            return None
+        address = login_address(name)
+        users, timestamp = self.factory.users, self._timestamp
+        return self._login(address, lambda: apop_user(users, address, timestamp, digest))
+
+    async def _login(self, address: str, check: Callable[[], User | None]) -> None:
+        """Check credentials off the reactor thread, then grant relaying and open the maildrop."""
+        try:
+            user = await deferToThread(check)
+        except Exception:
+            _log.failure("pop3d: checking the password of {address} failed", address=_printable(address))
+            self._reply("-ERR [SYS/TEMP] unable to check the password now, try again later")
+            return
+        if self._gone:
+            return
+        if user is None or not user.may_pop:
+            _log.info("pop3d: login failed {address} from {ip}",
+                      address=_printable(address), ip=self._client_ip)
+            await deferLater(self.factory.clock, self.factory.failed_login_delay, lambda: None)
+            if not self._gone:
+                self._reply("-ERR [AUTH] authorization failed")
+            return
+        _log.info("pop3d: login ok {address} from {ip}", address=user.address, ip=self._client_ip)
+        self._record_grant()
+        lock_key = str(user.maildir)
+        if not self.factory.lock(lock_key):
+            self._reply("-ERR [IN-USE] maildrop already locked")
+            return
+        self._lock_key = lock_key
+        try:
+            messages = await deferToThread(open_maildrop, user.maildir)
+        except OSError:
+            _log.failure("pop3d: cannot open the maildrop {maildir}", maildir=str(user.maildir))
+            self._release_lock()
+            self._reply("-ERR [SYS/TEMP] unable to open the maildrop")
+            return
+        if self._gone:
+            return
+        self._maildir = user.maildir
+        self._messages = messages
+        self._state = TRANSACTION
+        self._reply("+OK")
+
+    def _record_grant(self) -> None:
+        """POP-before-SMTP: this client IP may relay for a while (SPEC §6)."""
+        if self._client_ip is None:
+            return
+        try:
+            self.factory.grants.record(self._client_ip)
+        except (OSError, ValueError):
+            _log.failure("pop3d: cannot record the relay grant for {ip}", ip=self._client_ip)
+
+    def _release_lock(self) -> None:
+        if self._lock_key is not None:
+            self.factory.unlock(self._lock_key)
+            self._lock_key = None
+
+    def do_NOOP(self, argument: str) -> None:
+        self._reply("+OK")
+
+    def do_QUIT(self, argument: str) -> Outcome:
+        if self._state == AUTHORIZATION:
+            self._reply("+OK")
+            self._close()
+            return None
+        return self._update()
+
+    async def _update(self) -> None:
+        """The UPDATE state: only now do DELE marks remove files (RFC 1939 §6)."""
+        self._state = UPDATE
+        doomed = [message.path for message in self._messages if message.deleted]
+        failures = 0
+        try:
+            if doomed:
+                failures = await deferToThread(remove_messages, self._maildir, doomed)
+        except OSError:
+            _log.failure("pop3d: removing deleted messages from {maildir} failed",
+                         maildir=str(self._maildir))
+            failures = len(doomed)
+        finally:
+            self._release_lock()
+        if self._gone:
+            return
+        if failures:
+            self._reply("-ERR some deleted messages not removed")
+        else:
+            self._reply("+OK")
+        self._close()
+
+    # -- TRANSACTION -----------------------------------------------------------------
+
+    def _message(self, argument: str) -> tuple[int, Message] | None:
+        """The number and live message ``argument`` names, or None after replying -ERR."""
+        argument = argument.strip()
+        if not (argument.isascii() and argument.isdigit()):
+            self._reply("-ERR syntax error")
+            return None
+        number = int(argument)
+        if not 1 <= number <= len(self._messages):
+            self._reply("-ERR no such message")
+            return None
+        message = self._messages[number - 1]
+        if message.deleted:
+            self._reply(f"-ERR message {number} already deleted")
+            return None
+        return number, message
+
+    def _live(self) -> list[tuple[int, Message]]:
+        return [(number, message) for number, message in enumerate(self._messages, 1)
+                if not message.deleted]
+
+    async def _measure(self, messages: list[Message]) -> None:
+        unknown = [message for message in messages if message.size is None]
+        if unknown:
+            sizes = await deferToThread(measure, [message.path for message in unknown])
+            for message, size in zip(unknown, sizes):
+                message.size = size
+
+    async def do_STAT(self, argument: str) -> None:
+        live = [message for _, message in self._live()]
+        await self._measure(live)
+        self._reply(f"+OK {len(live)} {sum(message.size for message in live)}")
+
+    def do_LIST(self, argument: str) -> Outcome:
+        if not argument.strip():
+            return self._list_all()
+        found = self._message(argument)
+        return None if found is None else self._list_one(*found)
+
+    async def _list_one(self, number: int, message: Message) -> None:
+        await self._measure([message])
+        self._reply(f"+OK {number} {message.size}")
+
+    async def _list_all(self) -> None:
+        live = self._live()
+        await self._measure([message for _, message in live])
+        lines = [f"{number} {message.size}" for number, message in live]
+        self._reply_lines(f"+OK {len(live)} messages", lines)
+
+    def do_UIDL(self, argument: str) -> None:
+        if argument.strip():
+            found = self._message(argument)
+            if found is not None:
+                number, message = found
+                self._reply(f"+OK {number} {message.uid}")
+            return
+        lines = [f"{number} {message.uid}" for number, message in self._live()]
+        self._reply_lines("+OK unique-id listing follows", lines)
+
+    def do_RETR(self, argument: str) -> Outcome:
+        found = self._message(argument)
+        return None if found is None else self._send(found[1], None)
+
+    def do_TOP(self, argument: str) -> Outcome:
+        number, _, lines = argument.strip().partition(" ")
+        lines = lines.strip()
+        if not (lines.isascii() and lines.isdigit()):
+            self._reply("-ERR syntax error")
+            return None
+        found = self._message(number)
+        return None if found is None else self._send(found[1], int(lines))
+
+    async def _send(self, message: Message, body_lines: int | None) -> None:
+        """RETR (``body_lines`` None) or TOP, streamed; a whole RETR marks the message seen."""
+        try:
+            handle = open_message(message.path)
+        except OSError:
+            self._reply("-ERR unable to open that message")
+            return
+        chunks = crlf_chunks(handle)
+        if body_lines is not None:
+            chunks = top_chunks(chunks, body_lines)
+        self._reply("+OK message follows")
+        sender = MessageSender(handle, dot_stuffed(chunks), self.resetTimeout)
+        try:
+            await sender.send(self.transport)
+        except ConnectionLost:
+            self._gone = True  # connectionLost follows; no further command may run
+            return
+        if body_lines is None:
+            self._mark_seen(message)
+
+    def _mark_seen(self, message: Message) -> None:
+        seen = message.path.with_name(with_seen_flag(message.path.name))
+        if seen == message.path:
+            return
+        try:
+            os.rename(message.path, seen)
+        except OSError:
+            return  # the flag is a courtesy to other mail readers; the message was sent
+        message.path = seen
+
+    def do_DELE(self, argument: str) -> None:
+        found = self._message(argument)
+        if found is not None:
+            number, message = found
+            message.deleted = True
+            self._reply(f"+OK message {number} deleted")
+
+    def do_RSET(self, argument: str) -> None:
+        for message in self._messages:
+            message.deleted = False
+        self._reply(f"+OK {len(self._messages)} messages")
+
+
+class POP3Factory(ServerFactory):
+    """Builds POP3 sessions and holds what they share: users, grants, the mailbox locks.
+
+    One factory serves every POP3 listener (``--pop3`` and, wrapped in TLS,
+    ``--pop3s``), so the in-memory lock table covers all sessions.
+    ``tls_options`` and ``require_tls`` are read per session and per
+    command, so a reload may replace them.
+    """
+
+    def __init__(self, *, users: UserDB, grants: Grants, settings: Callable[[], "Settings"],
+                 tls_options: object | None = None, require_tls: bool = False,
+                 clock: IReactorTime | None = None) -> None:
+        if clock is None:
+            from twisted.internet import reactor as clock
+        self.users = users
+        self.grants = grants
+        self.settings = settings
+        self.tls_options = tls_options
+        self.require_tls = require_tls
+        self.clock = clock
+        self.idle_timeout: float = IDLE_TIMEOUT
+        self.failed_login_delay: float = FAILED_LOGIN_DELAY
+        self._locked: set[str] = set()
+
+    def buildProtocol(self, addr: object) -> POP3Server:
+        return POP3Server(self)
+
+    def lock(self, key: str) -> bool:
+        """Take the maildrop ``key`` for one session; False when another session holds it."""
+        if key in self._locked:
+            return False
+        self._locked.add(key)
+        return True
+
+    def unlock(self, key: str) -> None:
+        self._locked.discard(key)

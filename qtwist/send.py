@@ -1,0 +1,291 @@
+"""qmail-send's job: schedule deliveries, retry, give up, bounce.
+
+Every pending recipient is either ready (a deque per channel) or waiting for
+its retry time (one heap for both channels), so each event costs O(log n)
+whatever the size of the queue.  Local deliveries run in a thread pool sized
+by concurrencylocal (they write and fsync Maildir files); remote ones run on
+the reactor, all recipients of one domain in one SMTP transaction, at most
+concurrencyremote at once.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import math
+import time
+from collections import deque
+from pathlib import Path
+from typing import Callable
+
+from twisted.application.service import Service
+from twisted.internet.defer import Deferred, ensureDeferred
+from twisted.internet.threads import deferToThread, deferToThreadPool
+from twisted.logger import Logger
+from twisted.python.threadpool import ThreadPool
+
+from qtwist import bounce, local
+from qtwist.control import Settings
+from qtwist.delivery import Outcome
+from qtwist.policy import channel_for, split_address
+from qtwist.queue import DELIVERED, FAILED, PENDING, Queue, QueuedMessage, take_flush_request, \
+    take_removal_requests
+
+log = Logger(namespace="qtwist.send")
+
+CHANSKIP = {"local": 10, "remote": 20}
+BODY_CACHE_LIMIT = 64 * 1024 * 1024
+POLL_INTERVAL = 1.0
+
+
+def next_retry(born: float, now: float, channel: str) -> float:
+    """qmail-send's schedule: birth + (isqrt(age) + chanskip)²."""
+    age = max(0, int(now - born))
+    return born + (math.isqrt(age) + CHANSKIP[channel]) ** 2
+
+
+class Job:
+    """One delivery: a local recipient, or the recipients of one remote domain."""
+
+    __slots__ = ("message", "channel", "indexes", "domain")
+
+    def __init__(self, message: QueuedMessage, channel: str, indexes: list[int], domain: str = ""):
+        self.message = message
+        self.channel = channel
+        self.indexes = indexes
+        self.domain = domain
+
+
+class Scheduler(Service):
+    """Delivers what the queue holds; the SMTP server hands it new messages."""
+
+    def __init__(self, home: Path, queue: Queue, settings: Callable[[], Settings], users, remote,
+                 reactor):
+        self.home = home
+        self.queue = queue
+        self.settings = settings
+        self.users = users
+        self.remote = remote
+        self.reactor = reactor
+        self.ready = {"local": deque(), "remote": deque()}
+        self.in_progress = {"local": 0, "remote": 0}
+        self.waiting: list[tuple[float, int, Job]] = []
+        self._sequence = itertools.count()
+        self._deliveries = itertools.count(1)
+        self._timer = None
+        self._poller = None
+        self._cached_bytes = 0
+        self._removed: set[int] = set()
+        self.local_pool = ThreadPool(minthreads=0, maxthreads=max(1, settings().concurrencylocal),
+                                     name="qtwist-local")
+
+    # -- service ------------------------------------------------------------
+
+    def startService(self) -> None:
+        super().startService()
+        self.local_pool.start()
+        for message in self.queue.open():
+            self._resume(message)
+        from twisted.internet.task import LoopingCall
+        self._poller = LoopingCall(self._poll_requests)
+        self._poller.clock = self.reactor
+        self._poller.start(POLL_INTERVAL, now=False)
+        self._pump()
+
+    def stopService(self) -> Deferred:
+        super().stopService()
+        if self._poller is not None and self._poller.running:
+            self._poller.stop()
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self.local_pool.stop()
+        return self.queue.close()
+
+    # -- entry points ---------------------------------------------------------
+
+    def submit(self, message: QueuedMessage) -> None:
+        """A freshly queued message (already durable)."""
+        log.info("new msg {id}", id=message.id)
+        log.info("info msg {id}: bytes {size} from <{sender}> qp {id} uid 0", id=message.id,
+                 size=message.size, sender=message.sender)
+        if message.body is not None:
+            if self._cached_bytes + message.size > BODY_CACHE_LIMIT:
+                message.body = None
+            else:
+                self._cached_bytes += message.size
+        self._enqueue(message, range(len(message.recipients)), ready=True)
+        self._pump()
+
+    def _resume(self, message: QueuedMessage) -> None:
+        """A message found in the queue at start."""
+        if message.resolved:
+            ensureDeferred(self._finish(message))
+            return
+        pending = [i for i, r in enumerate(message.recipients) if r.state == PENDING]
+        self._enqueue(message, pending, ready=False)
+
+    def _enqueue(self, message: QueuedMessage, indexes, ready: bool) -> None:
+        remote_groups: dict[tuple[str, float], list[int]] = {}
+        for index in indexes:
+            recipient = message.recipients[index]
+            if recipient.channel == "local":
+                self._place(Job(message, "local", [index]), recipient.next_try, ready)
+            else:
+                _, domain = split_address(recipient.address)
+                remote_groups.setdefault((domain, recipient.next_try), []).append(index)
+        for (domain, next_try), group in remote_groups.items():
+            self._place(Job(message, "remote", group, domain), next_try, ready)
+
+    def _place(self, job: Job, when: float, ready: bool) -> None:
+        if ready or when <= time.time():
+            self.ready[job.channel].append(job)
+        else:
+            heapq.heappush(self.waiting, (when, next(self._sequence), job))
+            self._arm_timer()
+
+    def flush(self) -> None:
+        """Retry everything that waits (qmail-send's SIGALRM)."""
+        while self.waiting:
+            _, _, job = heapq.heappop(self.waiting)
+            self.ready[job.channel].append(job)
+        self._pump()
+
+    # -- timing -----------------------------------------------------------------
+
+    def _arm_timer(self) -> None:
+        if not self.waiting:
+            return
+        delay = max(0.0, self.waiting[0][0] - time.time())
+        if self._timer is not None and self._timer.active():
+            if self._timer.getTime() <= self.reactor.seconds() + delay:
+                return
+            self._timer.cancel()
+        self._timer = self.reactor.callLater(delay, self._wake)
+
+    def _wake(self) -> None:
+        self._timer = None
+        now = time.time()
+        while self.waiting and self.waiting[0][0] <= now:
+            _, _, job = heapq.heappop(self.waiting)
+            self.ready[job.channel].append(job)
+        self._arm_timer()
+        self._pump()
+
+    def _poll_requests(self) -> None:
+        for message_id in take_removal_requests(self.queue.dir):
+            message = self.queue.messages.get(message_id)
+            if message is not None and message_id not in self._removed:
+                self._removed.add(message_id)
+                log.info("removed msg {id} by request", id=message_id)
+                self.queue.end(message, "removed")
+        if take_flush_request(self.queue.dir):
+            log.info("flush: retrying every deferred delivery now")
+            self.flush()
+
+    # -- running deliveries -------------------------------------------------------
+
+    def _pump(self) -> None:
+        settings = self.settings()
+        limits = {"local": settings.concurrencylocal, "remote": settings.concurrencyremote}
+        for channel, ready in self.ready.items():
+            while ready and self.in_progress[channel] < limits[channel]:
+                job = ready.popleft()
+                if job.message.id in self._removed or job.message.id not in self.queue.messages:
+                    continue
+                self.in_progress[channel] += 1
+                ensureDeferred(self._run(job, settings))
+
+    def _status(self, settings: Settings) -> None:
+        log.info("status: local {l}/{lm} remote {r}/{rm}", l=self.in_progress["local"],
+                 lm=settings.concurrencylocal, r=self.in_progress["remote"], rm=settings.concurrencyremote)
+
+    async def _run(self, job: Job, settings: Settings) -> None:
+        message = job.message
+        number = next(self._deliveries)
+        for index in job.indexes:
+            log.info("starting delivery {d}: msg {id} to {channel} {address}", d=number, id=message.id,
+                     channel=job.channel, address=message.recipients[index].address)
+        self._status(settings)
+        try:
+            outcomes = await self._attempt(job, settings)
+        except Exception as error:  # a bug or an OS error must not lose the message
+            log.failure("delivery {d} crashed", d=number)
+            outcomes = [Outcome.deferral(f"Internal error: {error!r}. (#4.3.0)")] * len(job.indexes)
+        self.in_progress[job.channel] -= 1
+        for index, outcome in zip(job.indexes, outcomes):
+            log.info("delivery {d}: {kind}: {text}", d=number, kind=outcome.kind,
+                     text=outcome.text.replace("\n", "/"))
+            await self._record(job, index, outcome, settings)
+        self._status(settings)
+        if message.id in self.queue.messages and message.resolved and message.id not in self._removed:
+            await self._finish(message)
+        self._pump()
+
+    async def _attempt(self, job: Job, settings: Settings) -> list[Outcome]:
+        message = job.message
+        if job.channel == "local":
+            recipient = message.recipients[job.indexes[0]].address
+            outcome = await deferToThreadPool(self.reactor, self.local_pool, self._deliver_local,
+                                              message, recipient, settings)
+            return [outcome]
+        body = message.body if message.body is not None else await deferToThread(message.read_body)
+        recipients = [message.recipients[i].address for i in job.indexes]
+        return await self.remote.deliver(settings, job.domain, message.sender, recipients, body)
+
+    def _deliver_local(self, message: QueuedMessage, recipient: str, settings: Settings) -> Outcome:
+        """In a worker thread: qmail-local for one recipient."""
+        return local.deliver(self.home, settings, self.users, recipient, message.sender,
+                             message.read_body())
+
+    async def _record(self, job: Job, index: int, outcome: Outcome, settings: Settings) -> None:
+        message = job.message
+        recipient = message.recipients[index]
+        if message.id in self._removed:
+            return
+        if outcome.kind == "success":
+            if outcome.forwards:
+                await self._forward(message, recipient.address, outcome.forwards, settings)
+            recipient.state, recipient.text = DELIVERED, outcome.text
+            self.queue.record_result(message, index)
+            return
+        now = time.time()
+        if outcome.kind == "deferral" and now >= message.born + settings.queuelifetime:
+            outcome = Outcome.failure(f"{outcome.text}\n{bounce.GIVING_UP}")
+        if outcome.kind == "failure":
+            recipient.state, recipient.text = FAILED, outcome.text
+            self.queue.record_result(message, index)
+            return
+        recipient.next_try = min(next_retry(message.born, now, job.channel),
+                                 message.born + settings.queuelifetime)
+        recipient.text = outcome.text
+        self.queue.record_deferral(message, index)
+        self._place(Job(message, job.channel, [index], job.domain), recipient.next_try, ready=False)
+
+    async def _forward(self, message: QueuedMessage, recipient: str, forwards: tuple[str, ...],
+                       settings: Settings) -> None:
+        """A dot-qmail forward: a new message, durable before the original counts as delivered."""
+        body = message.body if message.body is not None else await deferToThread(message.read_body)
+        forwarded = await self.queue.accept(message.sender,
+                                            [(address, channel_for(address, settings)) for address in forwards],
+                                            f"Delivered-To: {recipient}\n".encode() + body)
+        self.submit(forwarded)
+
+    async def _finish(self, message: QueuedMessage) -> None:
+        """Every recipient is done: bounce the failures, then end the message."""
+        settings = self.settings()
+        failures = [(r.address, r.text) for r in message.recipients if r.state == FAILED]
+        if failures:
+            envelope = bounce.bounce_envelope(settings, message.sender)
+            if envelope is None:
+                log.info("triple bounce: discarding msg {id}", id=message.id)
+            else:
+                original = message.body if message.body is not None else await deferToThread(message.read_body)
+                text = bounce.failure_notice(settings, message.sender, failures, original, time.time())
+                sender, recipient = envelope
+                bounced = await self.queue.accept(sender, [(recipient, channel_for(recipient, settings))], text)
+                log.info("bounce msg {id} qp {bounce}", id=message.id, bounce=bounced.id)
+                self.submit(bounced)
+        if message.body is not None:
+            self._cached_bytes -= message.size
+        await self.queue.end(message, "done")
+        log.info("end msg {id}", id=message.id)

@@ -1,0 +1,118 @@
+"""`twistd qmail`: options and the MultiService they build.
+
+Data flows one way: smtpd → queue → send → local/remote; pop3d → grants → smtpd.
+Listeners come from the command line, else control/listeners, else the
+built-in defaults (SPEC §2); `none` turns one off.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from twisted.application.internet import StreamServerEndpointService
+from twisted.application.service import MultiService
+from twisted.internet.endpoints import serverFromString
+from twisted.python import usage
+
+from qtwist.control import ControlWatcher
+from qtwist.grants import Grants, GrantsCleaner
+from qtwist.pop3d import POP3Factory
+from qtwist.queue import Queue
+from qtwist.remote import RemoteDelivery
+from qtwist.send import Scheduler
+from qtwist.smtpd import SMTPFactory
+from qtwist.users import UserDB
+
+LISTENERS = ("smtp", "submission", "smtps", "pop3", "pop3s")
+BUILTIN_LISTENERS = {"smtp": ["tcp:25"], "submission": ["tcp:587"], "smtps": ["none"],
+                     "pop3": ["tcp:110"], "pop3s": ["none"]}
+
+
+class Options(usage.Options):
+    synopsis = "[options]"
+    longdesc = ("qmail-compatible mail server: SMTP, submission, POP3, a durable queue, "
+                "Maildir and remote delivery, configured by qmail control files in --home.")
+    optParameters = [
+        ["home", None, "/var/qtwist", "The home directory (control/, domains/, queue/, ...)."],
+        ["nameserver", None, None, "DNS server HOST[:PORT] for MX/A/TXT look-ups (default: system resolver)."],
+        ["remote-port", None, 25, "Port used when delivering to MX hosts.", int],
+    ]
+
+    def __init__(self):
+        super().__init__()
+        self["listeners"] = {}
+
+    def _listener(self, name: str, endpoint: str) -> None:
+        self["listeners"].setdefault(name, []).append(endpoint)
+
+    def opt_smtp(self, endpoint: str) -> None:
+        """MX/relay listener endpoint (default tcp:25; 'none' disables; repeat to add)."""
+        self._listener("smtp", endpoint)
+
+    def opt_submission(self, endpoint: str) -> None:
+        """Submission listener: AUTH required (default tcp:587)."""
+        self._listener("submission", endpoint)
+
+    def opt_smtps(self, endpoint: str) -> None:
+        """Implicit-TLS SMTP listener (default none)."""
+        self._listener("smtps", endpoint)
+
+    def opt_pop3(self, endpoint: str) -> None:
+        """POP3 listener (default tcp:110)."""
+        self._listener("pop3", endpoint)
+
+    def opt_pop3s(self, endpoint: str) -> None:
+        """Implicit-TLS POP3 listener (default none)."""
+        self._listener("pop3s", endpoint)
+
+    def postOptions(self) -> None:
+        nameserver = self["nameserver"]
+        if nameserver:
+            host, _, port = nameserver.rpartition(":") if nameserver.count(":") == 1 else (nameserver, "", "")
+            if not port.isdigit():
+                host, port = nameserver, "53"
+            self["nameserver"] = (host.strip("[]"), int(port))
+        if not Path(self["home"]).is_dir():
+            raise usage.UsageError(f"--home {self['home']}: no such directory")
+
+
+def listener_endpoints(cli: dict[str, list[str]], configured: tuple[tuple[str, str], ...]) -> dict[str, list[str]]:
+    """Command line over control/listeners over the built-in defaults; 'none' entries dropped."""
+    from_file: dict[str, list[str]] = {}
+    for name, endpoint in configured:
+        from_file.setdefault(name, []).append(endpoint)
+    chosen = {}
+    for name in LISTENERS:
+        endpoints = cli.get(name) or from_file.get(name) or BUILTIN_LISTENERS[name]
+        chosen[name] = [e for e in endpoints if e.strip().lower() != "none"]
+    return chosen
+
+
+def makeService(options: Options) -> MultiService:
+    from twisted.internet import reactor
+
+    home = Path(options["home"]).resolve()
+    top = MultiService()
+    control = ControlWatcher(home)
+    control.setServiceParent(top)
+    users = UserDB(home)
+    grants = Grants(home)
+    GrantsCleaner(grants, lambda: control.settings).setServiceParent(top)
+    queue = Queue(home, reactor)
+    remote = RemoteDelivery(reactor, nameserver=options["nameserver"], remote_port=options["remote-port"])
+    scheduler = Scheduler(home, queue, lambda: control.settings, users, remote, reactor)
+    scheduler.setServiceParent(top)
+
+    endpoints = listener_endpoints(options["listeners"], control.settings.listeners)
+    smtp = SMTPFactory(settings=lambda: control.settings, rules=lambda: control.rules, queue=queue,
+                       queued=scheduler.submit, clock=reactor, grants=grants)
+    submission = SMTPFactory(settings=lambda: control.settings, rules=lambda: control.rules, queue=queue,
+                             queued=scheduler.submit, clock=reactor, grants=grants, submission=True)
+    pop3 = POP3Factory(users=users, grants=grants, settings=lambda: control.settings)
+    factories = {"smtp": smtp, "submission": submission, "pop3": pop3}
+    for name in ("smtp", "submission", "pop3"):
+        for endpoint in endpoints[name]:
+            service = StreamServerEndpointService(serverFromString(reactor, endpoint), factories[name])
+            service.setName(f"{name} {endpoint}")
+            service.setServiceParent(top)
+    return top

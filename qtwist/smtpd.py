@@ -1,0 +1,435 @@
+"""qmail-smtpd's job: the ESMTP server protocol.
+
+The protocol machine reads commands in order and asks policy (and later,
+hooks) what to answer; a handler may return a Deferred, and then nothing more
+is read until it fires, so replies stay in order under PIPELINING however long
+a check takes.  Replies produced while handling one read are written together.
+Message data is not handled line by line: the terminator is searched in the
+buffered bytes, and dot-unstuffing, the bare-LF check and CRLF→LF are each one
+pass over the whole message in C.
+"""
+
+from __future__ import annotations
+
+import time
+from email.utils import formatdate
+from typing import Callable
+
+from twisted.internet.defer import Deferred
+from twisted.internet.protocol import Factory, Protocol
+from twisted.logger import Logger
+
+from qtwist.control import Settings
+from qtwist.policy import (ClientInfo, bad_mail_from, bad_rcpt_to, channel_for, rcpt_allowed,
+                           with_default_host)
+
+log = Logger(namespace="qtwist.smtpd")
+
+MAX_LINE = 4096
+MAX_RECIPIENTS = 1000
+MAX_HOPS = 100
+HARD_DATA_LIMIT = 128 * 1024 * 1024  # when databytes is 0 (unlimited): memory still has an end
+TERMINATOR = b"\r\n.\r\n"
+
+REPLY_SIZE = b"552 sorry, that message size exceeds my databytes limit (#5.3.4)\r\n"
+REPLY_RCPTHOSTS = b"553 sorry, that domain isn't in my list of allowed rcpthosts (#5.7.1)\r\n"
+REPLY_BADMAILFROM = b"553 sorry, your envelope sender is in my badmailfrom list (#5.7.1)\r\n"
+REPLY_BADRCPTTO = b"553 sorry, your envelope recipient is in my badrcptto list (#5.7.1)\r\n"
+REPLY_BARE_LF = b"451 See http://pobox.com/~djb/docs/smtplf.html.\r\n"
+REPLY_LOOPING = b"554 too many hops, this message is looping (#5.4.6)\r\n"
+REPLY_QUEUE_ERROR = b"451 qq write error or disk full (#4.3.0)\r\n"
+
+
+def parse_address(argument: str) -> tuple[str, str] | None:
+    """qmail-smtpd's addrparse(): the address inside <...> (or the first word),
+    quotes removed and a source route (@a,@b:) dropped; plus the text after it
+    (ESMTP parameters).  None when there is nothing address-like."""
+    argument = argument.strip()
+    if argument.startswith("<"):
+        address, quoted, escaped, end = [], False, False, -1
+        for position in range(1, len(argument)):
+            char = argument[position]
+            if escaped:
+                address.append(char)
+                escaped = False
+            elif char == "\\":
+                escaped = True
+            elif char == '"':
+                quoted = not quoted
+            elif char == ">" and not quoted:
+                end = position
+                break
+            else:
+                address.append(char)
+        if end < 0:
+            return None
+        text, rest = "".join(address), argument[end + 1:]
+    else:
+        text, _, rest = argument.partition(" ")
+        text = text.replace('"', "")
+    if text.startswith("@"):
+        _, colon, after = text.partition(":")
+        text = after if colon else ""
+    if any(c in text for c in " \t<>"):
+        return None
+    return text, rest.strip()
+
+
+def parse_parameters(text: str) -> dict[str, str]:
+    parameters = {}
+    for word in text.split():
+        key, _, value = word.partition("=")
+        parameters[key.upper()] = value
+    return parameters
+
+
+def received_header(helo: str, ip: str, me: str, protocol: str, now: float) -> bytes:
+    """qmail's Received: line (LF ends, as the queue stores messages)."""
+    stamp = formatdate(now).replace("+0000", "-0000")
+    return (f"Received: from unknown (HELO {helo or 'unknown'}) ({ip})\n"
+            f"  by {me} with {protocol}; {stamp}\n").encode("latin-1", "replace")
+
+
+def unstuff(raw: bytes) -> bytes:
+    """Dot-unstuffing (RFC 5321 §4.5.2) and CRLF→LF, for data known to have no bare LF."""
+    if raw.startswith(b"."):
+        raw = raw[1:]
+    return raw.replace(b"\r\n.", b"\r\n").replace(b"\r\n", b"\n")
+
+
+def too_many_hops(message: bytes) -> bool:
+    """100 or more Received:/Delivered-To: lines in the header: a mail loop."""
+    end = message.find(b"\n\n")
+    header = (message if end < 0 else message[:end + 1]).lower()
+    if header.count(b"received:") + header.count(b"delivered-to:") < MAX_HOPS:
+        return False
+    lines = header.split(b"\n")
+    return sum(1 for line in lines if line.startswith((b"received:", b"delivered-to:"))) >= MAX_HOPS
+
+
+class SMTPServer(Protocol):
+    """One SMTP session."""
+
+    def __init__(self, factory: "SMTPFactory"):
+        self.factory = factory
+        self.settings: Settings = factory.settings()
+        self.client: ClientInfo | None = None
+        self.databytes = 0
+        self.helo = ""
+        self.protocol_name = "SMTP"
+        self.sender: str | None = None
+        self.sender_bad = False
+        self.recipients: list[tuple[str, str]] = []
+        self.buffer = b""
+        self.in_data = False
+        self.data = bytearray()
+        self.data_searched = 0
+        self.data_overflow = False
+        self.discarding_line = False
+        self.busy = False
+        self.out: list[bytes] = []
+        self.last_activity = 0.0
+        self.timer = None
+
+    # -- connection -----------------------------------------------------------
+
+    def connectionMade(self) -> None:
+        peer = self.transport.getPeer()
+        ip = getattr(peer, "host", "unknown")
+        if ip.startswith("::ffff:"):
+            ip = ip[7:]
+        rule = self.factory.rules().match(ip)
+        if not rule.allow:
+            log.info("smtpd: {ip} denied by tcp.smtp rule {key!r}", ip=ip, key=rule.key)
+            self.transport.abortConnection()
+            return
+        grant = rule.key != ip and self.factory.has_grant(ip, self.settings)
+        self.client = ClientInfo(ip, dict(rule.env), pop_grant=grant)
+        self.databytes = self.settings.databytes
+        if "DATABYTES" in rule.env and rule.env["DATABYTES"].isdigit():
+            self.databytes = int(rule.env["DATABYTES"])
+        self.last_activity = self.factory.clock.seconds()
+        self.timer = self.factory.clock.callLater(self.settings.timeoutsmtpd, self._check_timeout)
+        self.transport.write(f"220 {self.settings.smtpgreeting} ESMTP\r\n".encode("latin-1", "replace"))
+
+    def connectionLost(self, reason=None) -> None:
+        if self.timer is not None and self.timer.active():
+            self.timer.cancel()
+        self.timer = None
+        self.data = bytearray()
+
+    def _check_timeout(self) -> None:
+        idle = self.factory.clock.seconds() - self.last_activity
+        remaining = self.settings.timeoutsmtpd - idle
+        if remaining > 0 or self.busy:
+            self.timer = self.factory.clock.callLater(max(remaining, 1.0), self._check_timeout)
+            return
+        self.timer = None
+        self.transport.write(b"451 timeout (#4.4.2)\r\n")
+        self.transport.loseConnection()
+
+    # -- input ------------------------------------------------------------------
+
+    def dataReceived(self, data: bytes) -> None:
+        self.last_activity = self.factory.clock.seconds()
+        if self.busy:
+            self.buffer += data
+            return
+        if self.in_data:
+            self._data_chunk(data)
+        else:
+            self.buffer += data
+        self._process()
+
+    def _process(self) -> None:
+        """Handle every complete line (or the end of message data) in the buffer."""
+        while not self.busy and self.transport is not None and not self.disconnecting:
+            if self.in_data:
+                if not self._data_complete():
+                    break
+                continue
+            newline = self.buffer.find(b"\n")
+            if newline < 0:
+                if len(self.buffer) > MAX_LINE:
+                    if not self.discarding_line:
+                        self.out.append(b"500 line too long (#5.5.2)\r\n")
+                    self.discarding_line = True
+                    self.buffer = b""
+                break
+            line, self.buffer = self.buffer[:newline], self.buffer[newline + 1:]
+            if self.discarding_line:
+                self.discarding_line = False
+                continue
+            if len(line) > MAX_LINE:
+                self.out.append(b"500 line too long (#5.5.2)\r\n")
+                continue
+            result = self._command(line.rstrip(b"\r").decode("latin-1"))
+            if isinstance(result, Deferred):
+                self.busy = True
+                self.transport.pauseProducing()
+                result.addBoth(self._resume)
+                break
+        self._flush()
+
+    @property
+    def disconnecting(self) -> bool:
+        return bool(getattr(self.transport, "disconnecting", False))
+
+    def _resume(self, result) -> None:
+        self.busy = False
+        if self.transport is None or self.client is None:
+            return
+        self.transport.resumeProducing()
+        if self.in_data and self.buffer:
+            pending, self.buffer = self.buffer, b""
+            self._data_chunk(pending)
+        self._process()
+
+    def _flush(self) -> None:
+        if self.out:
+            self.transport.write(b"".join(self.out))
+            self.out = []
+
+    # -- commands -----------------------------------------------------------------
+
+    def _command(self, line: str):
+        verb, _, argument = line.partition(" ")
+        handler = self.COMMANDS.get(verb.upper())
+        if handler is None:
+            self.out.append(b"502 unimplemented (#5.5.1)\r\n")
+            return None
+        return handler(self, argument)
+
+    def smtp_helo(self, argument: str):
+        self.helo, self.protocol_name = argument.strip(), "SMTP"
+        self._reset()
+        self.out.append(f"250 {self.settings.me}\r\n".encode("latin-1", "replace"))
+
+    def smtp_ehlo(self, argument: str):
+        self.helo, self.protocol_name = argument.strip(), "ESMTP"
+        self._reset()
+        size = f"SIZE {self.databytes}" if self.databytes else "SIZE"
+        self.out.append(f"250-{self.settings.me}\r\n250-PIPELINING\r\n250-8BITMIME\r\n250 {size}\r\n"
+                        .encode("latin-1", "replace"))
+
+    def smtp_mail(self, argument: str):
+        if self.factory.submission and self.client.authenticated is None:
+            self.out.append(b"530 Authorization required (#5.7.1)\r\n")
+            return
+        if argument[:5].upper() != "FROM:":
+            self.out.append(b"501 syntax error in parameters (#5.5.4)\r\n")
+            return
+        parsed = parse_address(argument[5:])
+        if parsed is None:
+            self.out.append(b"501 bad address syntax (#5.1.7)\r\n")
+            return
+        address, rest = parsed
+        parameters = parse_parameters(rest)
+        size = parameters.get("SIZE", "")
+        if size.isdigit() and self.databytes and int(size) > self.databytes:
+            self.out.append(REPLY_SIZE)
+            return
+        self._reset()
+        self.sender = with_default_host(address, self.settings)
+        self.sender_bad = bad_mail_from(self.sender, self.settings)
+        self.out.append(b"250 ok\r\n")
+
+    def smtp_rcpt(self, argument: str):
+        if self.sender is None:
+            self.out.append(b"503 MAIL first (#5.5.1)\r\n")
+            return
+        if self.sender_bad:
+            self.out.append(REPLY_BADMAILFROM)
+            return
+        if argument[:3].upper() != "TO:":
+            self.out.append(b"501 syntax error in parameters (#5.5.4)\r\n")
+            return
+        parsed = parse_address(argument[3:])
+        if parsed is None or not parsed[0]:
+            self.out.append(b"501 bad address syntax (#5.1.3)\r\n")
+            return
+        address = parsed[0]
+        if self.client.relayclient:
+            address += self.client.env["RELAYCLIENT"]
+        if not rcpt_allowed(address, self.client, self.settings):
+            self.out.append(REPLY_RCPTHOSTS)
+            return
+        if bad_rcpt_to(address, self.settings):
+            self.out.append(REPLY_BADRCPTTO)
+            return
+        if len(self.recipients) >= MAX_RECIPIENTS:
+            self.out.append(b"452 too many recipients (#4.5.3)\r\n")
+            return
+        address = with_default_host(address, self.settings)
+        self.recipients.append((address, channel_for(address, self.settings)))
+        self.out.append(b"250 ok\r\n")
+
+    def smtp_data(self, argument: str):
+        if self.sender is None:
+            self.out.append(b"503 MAIL first (#5.5.1)\r\n")
+            return
+        if not self.recipients:
+            self.out.append(b"503 RCPT first (#5.5.1)\r\n")
+            return
+        self.out.append(b"354 go ahead\r\n")
+        self.in_data = True
+        self.data = bytearray(b"\r\n")  # so a message that is only "." ends at once
+        self.data_searched = 0
+        self.data_overflow = False
+        pending, self.buffer = self.buffer, b""
+        if pending:
+            self._data_chunk(pending)
+
+    def smtp_rset(self, argument: str):
+        self._reset()
+        self.out.append(b"250 flushed\r\n")
+
+    def smtp_noop(self, argument: str):
+        self.out.append(b"250 ok\r\n")
+
+    def smtp_vrfy(self, argument: str):
+        self.out.append(b"252 send some mail, i'll try my best\r\n")
+
+    def smtp_help(self, argument: str):
+        self.out.append(b"214 qtwist: a qmail-compatible server; commands: HELO EHLO MAIL RCPT DATA "
+                        b"RSET NOOP VRFY HELP QUIT\r\n")
+
+    def smtp_quit(self, argument: str):
+        self.out.append(f"221 {self.settings.me}\r\n".encode("latin-1", "replace"))
+        self._flush()
+        self.transport.loseConnection()
+
+    COMMANDS: dict[str, Callable] = {
+        "HELO": smtp_helo, "EHLO": smtp_ehlo, "MAIL": smtp_mail, "RCPT": smtp_rcpt,
+        "DATA": smtp_data, "RSET": smtp_rset, "NOOP": smtp_noop, "VRFY": smtp_vrfy,
+        "HELP": smtp_help, "QUIT": smtp_quit,
+    }
+
+    def _reset(self) -> None:
+        self.sender, self.sender_bad, self.recipients = None, False, []
+
+    # -- message data -----------------------------------------------------------------
+
+    def _data_chunk(self, chunk: bytes) -> None:
+        """Add received message data; past the size limit only the tail is kept,
+        enough to find the terminator."""
+        self.data += chunk
+        limit = self.databytes or HARD_DATA_LIMIT
+        if len(self.data) > 2 * limit + 65536:  # even all-CRLF data this long is too big
+            self.data_overflow = True
+            del self.data[:-4]
+            self.data_searched = 0
+
+    def _data_complete(self) -> bool:
+        """If the terminator has arrived, finish the message; False while waiting."""
+        end = self.data.find(TERMINATOR, self.data_searched)
+        if end < 0:
+            self.data_searched = max(0, len(self.data) - 4)
+            return False
+        raw = bytes(self.data[2:end + 2])
+        self.buffer = bytes(self.data[end + 5:]) + self.buffer
+        self.data = bytearray()
+        self.in_data = False
+        result = self._message(raw)
+        if isinstance(result, Deferred):
+            self.busy = True
+            self.transport.pauseProducing()
+            result.addBoth(self._resume)
+        return True
+
+    def _message(self, raw: bytes):
+        sender, recipients = self.sender, self.recipients
+        self._reset()
+        if raw.count(b"\n") != raw.count(b"\r\n"):
+            self.out.append(REPLY_BARE_LF)
+            self._flush()
+            self.transport.loseConnection()
+            return None
+        if self.data_overflow:
+            self.out.append(REPLY_SIZE)
+            return None
+        message = unstuff(raw)
+        if self.databytes and len(message) > self.databytes:
+            self.out.append(REPLY_SIZE)
+            return None
+        if too_many_hops(message):
+            self.out.append(REPLY_LOOPING)
+            return None
+        now = time.time()
+        message = received_header(self.helo, self.client.ip, self.settings.me, self.protocol_name, now) + message
+        accepted = self.factory.queue.accept(sender, recipients, message)
+        accepted.addCallbacks(self._queued, self._queue_failed)
+        return accepted
+
+    def _queued(self, queued) -> None:
+        self.out.append(f"250 ok {int(queued.born)} qp {queued.id}\r\n".encode())
+        self._flush()
+        self.factory.queued(queued)
+
+    def _queue_failed(self, failure) -> None:
+        log.error("smtpd: could not queue a message from {ip}: {why}", ip=self.client.ip,
+                  why=failure.getErrorMessage())
+        self.out.append(REPLY_QUEUE_ERROR)
+        self._flush()
+
+
+class SMTPFactory(Factory):
+    """Builds sessions; holds what every session consults."""
+
+    protocol = SMTPServer
+
+    def __init__(self, *, settings: Callable[[], Settings], rules, queue, queued: Callable,
+                 clock, grants=None, submission: bool = False):
+        self.submission = submission
+        self.settings = settings
+        self.rules = rules
+        self.queue = queue
+        self.queued = queued
+        self.clock = clock
+        self.grants = grants
+
+    def has_grant(self, ip: str, settings: Settings) -> bool:
+        return self.grants is not None and self.grants.is_live(ip, settings.relaygrantlifetime)
+
+    def buildProtocol(self, addr) -> SMTPServer:
+        return SMTPServer(self)
