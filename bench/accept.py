@@ -109,12 +109,19 @@ def main() -> int:
     parser.add_argument("--work", default=None, help="directory for the run's files")
     parser.add_argument("--max-seconds", type=float, default=600)
     parser.add_argument("--plugins", default="", help="control/plugins entries, comma separated")
+    parser.add_argument("--control", action="append", default=[], metavar="NAME=VALUE",
+                        help="an extra control file for the run (repeatable)")
+    parser.add_argument("--accept-only", action="store_true",
+                        help="measure acceptance alone: no local deliveries (concurrencylocal 0)")
     args = parser.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="qtwist-bench-", dir=args.work))
     home = work / "home"
     (home / "control").mkdir(parents=True)
     (home / "control" / "me").write_text("bench.test\n")
+    for setting in args.control + (["concurrencylocal=0"] if args.accept_only else []):
+        name, _, value = setting.partition("=")
+        (home / "control" / name).write_text(value + "\n")
     if args.plugins:
         (home / "control" / "plugins").write_text("\n".join(args.plugins.split(",")) + "\n")
     qtwist(home, "domain", "add", "example.test")
@@ -144,7 +151,7 @@ def main() -> int:
         def delivered() -> bool:
             return (maildir_new.is_dir() and len(os.listdir(maildir_new)) >= args.messages - len(errors)
                     and re.search(r"messages in queue: 0\b", qtwist(home, "qstat")) is not None)
-        complete = wait_until(delivered, args.max_seconds)
+        complete = not args.accept_only and wait_until(delivered, args.max_seconds)
         finished = time.monotonic() - started
         cpu = _cpu(server.pid) - cpu_before
     finally:

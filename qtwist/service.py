@@ -7,6 +7,7 @@ built-in defaults (SPEC §2); `none` turns one off.
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 from twisted.application.internet import StreamServerEndpointService
@@ -88,9 +89,16 @@ def listener_endpoints(cli: dict[str, list[str]], configured: tuple[tuple[str, s
     return chosen
 
 
+# Worker threads (Maildir writes, the queue's fsyncs) hold the GIL between
+# system calls; the reactor thread gives it up at every socket call and would
+# otherwise wait up to the default 5 ms to get it back, for every client.
+GIL_SWITCH_INTERVAL = 0.0005
+
+
 def makeService(options: Options) -> MultiService:
     from twisted.internet import reactor
 
+    sys.setswitchinterval(GIL_SWITCH_INTERVAL)
     home = Path(options["home"]).resolve()
     top = MultiService()
     control = ControlWatcher(home)

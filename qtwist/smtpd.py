@@ -127,6 +127,7 @@ class SMTPServer(Protocol):
         self.data_overflow = False
         self.discarding_line = False
         self.busy = False
+        self.paused = False
         self.out: list[bytes] = []
         self.last_activity = 0.0
         self.timer = None
@@ -174,6 +175,9 @@ class SMTPServer(Protocol):
         self.last_activity = self.factory.clock.seconds()
         if self.busy:
             self.buffer += data
+            if len(self.buffer) > MAX_LINE * 16 and not self.paused:
+                self.paused = True
+                self.transport.pauseProducing()
             return
         if self.in_data:
             self._data_chunk(data)
@@ -205,9 +209,7 @@ class SMTPServer(Protocol):
                 continue
             result = self._command(line.rstrip(b"\r").decode("latin-1"))
             if isinstance(result, Deferred):
-                self.busy = True
-                self.transport.pauseProducing()
-                result.addBoth(self._resume)
+                self._wait_for(result)
                 break
         self._flush()
 
@@ -215,11 +217,20 @@ class SMTPServer(Protocol):
     def disconnecting(self) -> bool:
         return bool(getattr(self.transport, "disconnecting", False))
 
+    def _wait_for(self, result: Deferred) -> None:
+        """Read nothing more until a check or the queue answers, so replies keep
+        their order.  Input that arrives meanwhile waits in the buffer; only a
+        client that keeps sending is paused (pausing costs two epoll changes)."""
+        self.busy = True
+        result.addBoth(self._resume)
+
     def _resume(self, result) -> None:
         self.busy = False
         if self.transport is None or self.client is None:
             return
-        self.transport.resumeProducing()
+        if self.paused:
+            self.paused = False
+            self.transport.resumeProducing()
         if self.in_data and self.buffer:
             pending, self.buffer = self.buffer, b""
             self._data_chunk(pending)
@@ -372,9 +383,7 @@ class SMTPServer(Protocol):
         self.in_data = False
         result = self._message(raw)
         if isinstance(result, Deferred):
-            self.busy = True
-            self.transport.pauseProducing()
-            result.addBoth(self._resume)
+            self._wait_for(result)
         return True
 
     def _message(self, raw: bytes):
