@@ -157,6 +157,18 @@ def _queue(args: argparse.Namespace) -> None:
     print(f"removed {removed} message(s)")
 
 
+def _relay(args: argparse.Namespace) -> None:
+    """POP-before-SMTP grants: who may relay now, and for how long already."""
+    from qtwist.grants import Grants
+
+    grants = Grants(args.home)
+    if args.action == "list":
+        for ip, age in grants.list():
+            print(f"{ip}\t{int(age)}")
+        return
+    print(f"cleared {grants.clear(args.older)} grant(s)")
+
+
 # -- the parser ------------------------------------------------------------------
 
 def _quota(text: str) -> int:
@@ -224,6 +236,14 @@ def build_parser() -> argparse.ArgumentParser:
                         help="remove every message whose sender or a recipient contains this")
     queue_actions.add_parser("flush", help="retry every deferred delivery now")
     queue.set_defaults(run=_queue)
+
+    relay = commands.add_parser("relay", help="list or clear POP-before-SMTP relay grants")
+    relay_actions = relay.add_subparsers(dest="action", metavar="ACTION", required=True)
+    relay_actions.add_parser("list", help="each client IP with a grant, and its age in seconds")
+    clear = relay_actions.add_parser("clear", help="remove grants")
+    clear.add_argument("--older", type=float, metavar="SECONDS",
+                       help="only grants at least this old")
+    relay.set_defaults(run=_relay)
     return parser
 
 

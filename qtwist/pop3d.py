@@ -41,6 +41,7 @@ from twisted.protocols.policies import TimeoutMixin
 from zope.interface import implementer
 
 from qtwist.grants import Grants
+from qtwist.tls import tls_ready
 from qtwist.users import User, UserDB
 
 if TYPE_CHECKING:
@@ -480,7 +481,7 @@ class POP3Server(LineReceiver, TimeoutMixin):
         return self._encrypted or not self.factory.require_tls
 
     def _tls_available(self) -> bool:
-        return (self.factory.tls_options is not None and not self._encrypted
+        return (tls_ready(self.factory.tls_options) and not self._encrypted
                 and ITLSTransport.providedBy(self.transport))
 
     def do_CAPA(self, argument: str) -> None:

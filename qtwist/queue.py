@@ -462,6 +462,16 @@ class Queue:
             return result
         return done.addBoth(release)
 
+    def free(self) -> bool:
+        """Whether no other server holds this queue (checked before starting)."""
+        if not self.dir.is_dir():
+            return True
+        lock = _take_lock(self.dir)
+        if lock is None:
+            return False
+        os.close(lock)
+        return True
+
     def _allocate(self) -> int:
         number = self._next_id
         self._next_id += 1

@@ -13,6 +13,8 @@ from __future__ import annotations
 import heapq
 import itertools
 import math
+import signal
+import threading
 import time
 from collections import deque
 from pathlib import Path
@@ -111,6 +113,9 @@ class Scheduler(Service):
 
     def startService(self) -> None:
         super().startService()
+        if threading.current_thread() is threading.main_thread():
+            # qmail-send retries everything at once on SIGALRM; so do we.
+            signal.signal(signal.SIGALRM, lambda *_: self.reactor.callFromThread(self.flush))
         self.local_pool.start()
         for message in self.queue.open():
             self._resume(message)

@@ -13,15 +13,17 @@ from pathlib import Path
 from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import MultiService
 from twisted.internet.endpoints import serverFromString
+from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python import usage
 
 from qtwist.control import ControlWatcher
 from qtwist.grants import Grants, GrantsCleaner
 from qtwist.pop3d import POP3Factory
 from qtwist.queue import Queue
-from qtwist.remote import RemoteDelivery
+from qtwist.remote import RemoteDelivery, opportunistic_tls
 from qtwist.send import Scheduler
 from qtwist.smtpd import SMTPFactory
+from qtwist.tls import ServerTLS
 from qtwist.users import UserDB
 
 LISTENERS = ("smtp", "submission", "smtps", "pop3", "pop3s")
@@ -107,7 +109,10 @@ def makeService(options: Options) -> MultiService:
     grants = Grants(home)
     GrantsCleaner(grants, lambda: control.settings).setServiceParent(top)
     queue = Queue(home, reactor)
-    remote = RemoteDelivery(reactor, nameserver=options["nameserver"], remote_port=options["remote-port"])
+    if not queue.free():
+        raise SystemExit(f"qtwist: {home / 'queue'} is in use by another qtwist server")
+    remote = RemoteDelivery(reactor, nameserver=options["nameserver"], remote_port=options["remote-port"],
+                            tls_context_factory=opportunistic_tls())
     scheduler = Scheduler(home, queue, lambda: control.settings, users, remote, reactor)
     scheduler.setServiceParent(top)
 
@@ -116,11 +121,13 @@ def makeService(options: Options) -> MultiService:
                        queued=scheduler.submit, clock=reactor, grants=grants)
     submission = SMTPFactory(settings=lambda: control.settings, rules=lambda: control.rules, queue=queue,
                              queued=scheduler.submit, clock=reactor, grants=grants, submission=True)
-    pop3 = POP3Factory(users=users, grants=grants, settings=lambda: control.settings)
-    factories = {"smtp": smtp, "submission": submission, "pop3": pop3}
-    for name in ("smtp", "submission", "pop3"):
+    server_tls = ServerTLS(lambda: control.settings.servercert)
+    pop3 = POP3Factory(users=users, grants=grants, settings=lambda: control.settings, tls_options=server_tls)
+    factories = {"smtp": smtp, "submission": submission, "pop3": pop3,
+                 "pop3s": TLSMemoryBIOFactory(server_tls, False, pop3)}
+    for name, factory in factories.items():
         for endpoint in endpoints[name]:
-            service = StreamServerEndpointService(serverFromString(reactor, endpoint), factories[name])
+            service = StreamServerEndpointService(serverFromString(reactor, endpoint), factory)
             service.setName(f"{name} {endpoint}")
             service.setServiceParent(top)
     return top

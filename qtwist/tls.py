@@ -1,0 +1,88 @@
+"""control/servercert.pem → the server side of TLS (STARTTLS, STLS, SMTPS, POP3S).
+
+One PEM file holds the private key and the certificate chain, as qmail's TLS
+patch reads it.  The OpenSSL context is built once per version of the file
+(its stat signature) and shared by every connection; a renewed certificate is
+picked up by the next handshake without a restart.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Callable
+
+from OpenSSL import SSL
+from twisted.logger import Logger
+
+log = Logger(namespace="qtwist.tls")
+
+# TLS 1.2 ciphers with forward secrecy and AEAD only; TLS 1.3 keeps OpenSSL's defaults.
+CIPHERS = b"ECDHE+AESGCM:ECDHE+CHACHA20:DHE+AESGCM:DHE+CHACHA20:!aNULL:!eNULL:!MD5:!DSS"
+
+
+class ServerTLS:
+    """An OpenSSL context factory over whatever servercert.pem holds now.
+
+    ``path`` is asked for on every use (None = no certificate configured), so
+    the file may appear, change or go away while the server runs.
+    """
+
+    def __init__(self, path: Callable[[], Path | None]):
+        self._path = path
+        self._signature: tuple | None = None
+        self._context: SSL.Context | None = None
+
+    def available(self) -> bool:
+        """Whether TLS can be offered right now (STARTTLS/STLS are advertised only then)."""
+        return self._current() is not None
+
+    def getContext(self) -> SSL.Context:
+        context = self._current()
+        if context is None:
+            raise SSL.Error("no usable control/servercert.pem")
+        return context
+
+    def _current(self) -> SSL.Context | None:
+        path = self._path()
+        if path is None:
+            return None
+        try:
+            stat = os.stat(path)
+        except OSError:
+            return None
+        signature = (str(path), stat.st_mtime_ns, stat.st_size, stat.st_ino)
+        if signature != self._signature:
+            self._signature = signature
+            self._context = self._load(path)
+        return self._context
+
+    @staticmethod
+    def _load(path: Path) -> SSL.Context | None:
+        context = SSL.Context(SSL.TLS_METHOD)
+        context.set_min_proto_version(SSL.TLS1_2_VERSION)
+        context.set_options(SSL.OP_NO_COMPRESSION | SSL.OP_CIPHER_SERVER_PREFERENCE)
+        context.set_cipher_list(CIPHERS)
+        try:
+            context.use_certificate_chain_file(str(path))
+            context.use_privatekey_file(str(path))
+            context.check_privatekey()
+        except SSL.Error as error:
+            log.error("tls: control/servercert.pem cannot be used ({why}); TLS is off until it is fixed",
+                      why=_reason(error))
+            return None
+        log.info("tls: loaded control/servercert.pem")
+        return context
+
+
+def _reason(error: SSL.Error) -> str:
+    details = error.args[0] if error.args else []
+    if isinstance(details, list) and details:
+        return "; ".join(str(item[-1]) for item in details if item)
+    return str(error) or "unreadable"
+
+
+def tls_ready(options: object | None) -> bool:
+    """Whether a context factory can do a handshake now: a ServerTLS has none
+    while servercert.pem is missing or broken."""
+    return options is not None and (not isinstance(options, ServerTLS) or options.available())
