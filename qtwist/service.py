@@ -13,7 +13,6 @@ from pathlib import Path
 from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import MultiService
 from twisted.internet.endpoints import serverFromString
-from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python import usage
 
 from qtwist.control import ControlWatcher
@@ -23,7 +22,7 @@ from qtwist.queue import Queue
 from qtwist.remote import RemoteDelivery, opportunistic_tls
 from qtwist.send import Scheduler
 from qtwist.smtpd import SMTPFactory
-from qtwist.tls import ServerTLS
+from qtwist.tls import ImplicitTLSFactory, ServerTLS
 from qtwist.users import UserDB
 
 LISTENERS = ("smtp", "submission", "smtps", "pop3", "pop3s")
@@ -124,7 +123,7 @@ def makeService(options: Options) -> MultiService:
     server_tls = ServerTLS(lambda: control.settings.servercert)
     pop3 = POP3Factory(users=users, grants=grants, settings=lambda: control.settings, tls_options=server_tls)
     factories = {"smtp": smtp, "submission": submission, "pop3": pop3,
-                 "pop3s": TLSMemoryBIOFactory(server_tls, False, pop3)}
+                 "pop3s": ImplicitTLSFactory(server_tls, pop3, "pop3s")}
     for name, factory in factories.items():
         for endpoint in endpoints[name]:
             service = StreamServerEndpointService(serverFromString(reactor, endpoint), factory)

@@ -13,7 +13,10 @@ from pathlib import Path
 from typing import Callable
 
 from OpenSSL import SSL
+from twisted.internet.interfaces import IOpenSSLServerConnectionCreator
 from twisted.logger import Logger
+from twisted.protocols.tls import TLSMemoryBIOFactory
+from zope.interface import implementer
 
 log = Logger(namespace="qtwist.tls")
 
@@ -21,6 +24,7 @@ log = Logger(namespace="qtwist.tls")
 CIPHERS = b"ECDHE+AESGCM:ECDHE+CHACHA20:DHE+AESGCM:DHE+CHACHA20:!aNULL:!eNULL:!MD5:!DSS"
 
 
+@implementer(IOpenSSLServerConnectionCreator)
 class ServerTLS:
     """An OpenSSL context factory over whatever servercert.pem holds now.
 
@@ -42,6 +46,10 @@ class ServerTLS:
         if context is None:
             raise SSL.Error("no usable control/servercert.pem")
         return context
+
+    def serverConnectionForTLS(self, tlsProtocol) -> SSL.Connection:
+        """Asked for each handshake, so a certificate added later is used at once."""
+        return SSL.Connection(self.getContext(), None)
 
     def _current(self) -> SSL.Context | None:
         path = self._path()
@@ -86,3 +94,20 @@ def tls_ready(options: object | None) -> bool:
     """Whether a context factory can do a handshake now: a ServerTLS has none
     while servercert.pem is missing or broken."""
     return options is not None and (not isinstance(options, ServerTLS) or options.available())
+
+
+class ImplicitTLSFactory(TLSMemoryBIOFactory):
+    """SMTPS/POP3S: TLS from the first byte; without a usable certificate a
+    connection is closed at once (one log line, not a traceback per client)."""
+
+    def __init__(self, server_tls: ServerTLS, wrapped, name: str):
+        super().__init__(server_tls, False, wrapped)
+        self.server_tls = server_tls
+        self.name = name
+
+    def buildProtocol(self, addr):
+        if not self.server_tls.available():
+            log.warn("{name}: no usable control/servercert.pem; closed the connection from {peer}",
+                     name=self.name, peer=getattr(addr, "host", addr))
+            return None
+        return super().buildProtocol(addr)
