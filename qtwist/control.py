@@ -87,6 +87,10 @@ class Settings:
     relaygrantlifetime: int = 10800
     plugins: tuple[str, ...] = ()
     authrequirestls: bool = False
+    authsendercheck: bool = False
+    authfaillimit: int = 10
+    authfailwindow: int = 600
+    authfailblock: int = 900
     dotqmailprograms: bool = False
     servercert: Path | None = None
     listeners: tuple[tuple[str, str], ...] = ()
@@ -339,6 +343,10 @@ CONTROLS: tuple[tuple[str, str, Parser], ...] = (
     ("relaygrantlifetime", "relaygrantlifetime", _number),
     ("plugins", "plugins", _line_tuple),
     ("authrequirestls", "authrequirestls", _flag),
+    ("authsendercheck", "authsendercheck", _flag),
+    ("authfaillimit", "authfaillimit", _number),
+    ("authfailwindow", "authfailwindow", _number),
+    ("authfailblock", "authfailblock", _number),
     ("dotqmailprograms", "dotqmailprograms", _flag),
     ("listeners", "listeners", _listeners),
 )

@@ -22,6 +22,7 @@ class ClientInfo:
     env: Mapping[str, str] = field(default_factory=dict)
     pop_grant: bool = False
     authenticated: str | None = None
+    auth_relay: bool = False  # the authenticated user's vpasswd flags allow relaying
 
     @property
     def relayclient(self) -> bool:
@@ -30,7 +31,7 @@ class ClientInfo:
 
 def may_relay(client: ClientInfo) -> bool:
     """Relay only for RELAYCLIENT, a live POP grant, or an authenticated session."""
-    return client.relayclient or client.pop_grant or client.authenticated is not None
+    return client.relayclient or client.pop_grant or (client.authenticated is not None and client.auth_relay)
 
 
 def split_address(address: str) -> tuple[str, str]:

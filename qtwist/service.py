@@ -23,7 +23,8 @@ from qtwist.remote import RemoteDelivery, opportunistic_tls
 from qtwist.send import Scheduler
 from qtwist.smtpd import SMTPFactory
 from qtwist.tls import ImplicitTLSFactory, ServerTLS
-from qtwist.users import UserDB
+from qtwist.throttle import FailureThrottle
+from qtwist.users import UserDB, mail_portal
 
 LISTENERS = ("smtp", "submission", "smtps", "pop3", "pop3s")
 BUILTIN_LISTENERS = {"smtp": ["tcp:25"], "submission": ["tcp:587"], "smtps": ["none"],
@@ -116,13 +117,22 @@ def makeService(options: Options) -> MultiService:
     scheduler.setServiceParent(top)
 
     endpoints = listener_endpoints(options["listeners"], control.settings.listeners)
-    smtp = SMTPFactory(settings=lambda: control.settings, rules=lambda: control.rules, queue=queue,
-                       queued=scheduler.submit, clock=reactor, grants=grants)
-    submission = SMTPFactory(settings=lambda: control.settings, rules=lambda: control.rules, queue=queue,
-                             queued=scheduler.submit, clock=reactor, grants=grants, submission=True)
     server_tls = ServerTLS(lambda: control.settings.servercert)
+    throttle = FailureThrottle(reactor, lambda: (control.settings.authfaillimit,
+                                                 control.settings.authfailwindow,
+                                                 control.settings.authfailblock))
+    smtp_portal = mail_portal(users, "smtp")
+
+    def smtp_factory(submission: bool) -> SMTPFactory:
+        return SMTPFactory(settings=lambda: control.settings, rules=lambda: control.rules, queue=queue,
+                           queued=scheduler.submit, clock=reactor, grants=grants, submission=submission,
+                           tls=server_tls, portal=smtp_portal, throttle=throttle)
+
+    submission = smtp_factory(submission=True)
     pop3 = POP3Factory(users=users, grants=grants, settings=lambda: control.settings, tls_options=server_tls)
-    factories = {"smtp": smtp, "submission": submission, "pop3": pop3,
+    factories = {"smtp": smtp_factory(submission=False), "submission": submission, "pop3": pop3,
+                 # Port 465 is submission with TLS from the first byte (RFC 8314).
+                 "smtps": ImplicitTLSFactory(server_tls, submission, "smtps"),
                  "pop3s": ImplicitTLSFactory(server_tls, pop3, "pop3s")}
     for name, factory in factories.items():
         for endpoint in endpoints[name]:

@@ -11,17 +11,26 @@ pass over the whole message in C.
 
 from __future__ import annotations
 
+import base64
+import binascii
+import secrets
 import time
 from email.utils import formatdate
 from typing import Callable
 
+from twisted.cred.credentials import CramMD5Credentials, UsernamePassword
+from twisted.cred.error import UnauthorizedLogin
 from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import ISSLTransport
 from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.task import deferLater
 from twisted.logger import Logger
 
 from qtwist.control import Settings
 from qtwist.policy import (ClientInfo, bad_mail_from, bad_rcpt_to, channel_for, rcpt_allowed,
                            with_default_host)
+from qtwist.tls import tls_ready
+from qtwist.users import IMailUser
 
 log = Logger(namespace="qtwist.smtpd")
 
@@ -38,6 +47,11 @@ REPLY_BADRCPTTO = b"553 sorry, your envelope recipient is in my badrcptto list (
 REPLY_BARE_LF = b"451 See http://pobox.com/~djb/docs/smtplf.html.\r\n"
 REPLY_LOOPING = b"554 too many hops, this message is looping (#5.4.6)\r\n"
 REPLY_QUEUE_ERROR = b"451 qq write error or disk full (#4.3.0)\r\n"
+REPLY_AUTH_OK = b"235 ok, go ahead (#2.0.0)\r\n"
+REPLY_AUTH_FAILED = b"535 authentication failed (#5.7.1)\r\n"
+REPLY_AUTH_NEEDS_TLS = b"538 auth not available without TLS (#5.3.3)\r\n"
+REPLY_AUTH_MALFORMED = b"501 malformed auth input (#5.5.4)\r\n"
+PLAINTEXT_MECHANISMS = ("LOGIN", "PLAIN")
 
 
 def parse_address(argument: str) -> tuple[str, str] | None:
@@ -83,11 +97,15 @@ def parse_parameters(text: str) -> dict[str, str]:
     return parameters
 
 
-def received_header(helo: str, ip: str, me: str, protocol: str, now: float) -> bytes:
-    """qmail's Received: line (LF ends, as the queue stores messages)."""
+def received_header(helo: str, ip: str, me: str, protocol: str, now: float, cipher: str = "",
+                    user: str = "") -> bytes:
+    """qmail's Received: line (LF ends, as the queue stores messages), with the
+    TLS cipher and the authenticated user as qmail's TLS and AUTH patches add them."""
     stamp = formatdate(now).replace("+0000", "-0000")
-    return (f"Received: from unknown (HELO {helo or 'unknown'}) ({ip})\n"
-            f"  by {me} with {protocol}; {stamp}\n").encode("latin-1", "replace")
+    client = f"({user}@{ip})" if user else f"({ip})"
+    encrypted = f"({cipher} encrypted) " if cipher else ""
+    return (f"Received: from unknown (HELO {helo or 'unknown'}) {client}\n"
+            f"  by {me} with {encrypted}{protocol}; {stamp}\n").encode("latin-1", "replace")
 
 
 def unstuff(raw: bytes) -> bytes:
@@ -126,6 +144,9 @@ class SMTPServer(Protocol):
         self.data_searched = 0
         self.data_overflow = False
         self.discarding_line = False
+        self.encrypted = False
+        self.auth_user = None
+        self.auth_step: Callable[[str], object] | None = None
         self.busy = False
         self.paused = False
         self.out: list[bytes] = []
@@ -146,6 +167,7 @@ class SMTPServer(Protocol):
             return
         grant = rule.key != ip and self.factory.has_grant(ip, self.settings)
         self.client = ClientInfo(ip, dict(rule.env), pop_grant=grant)
+        self.encrypted = ISSLTransport.providedBy(self.transport)
         self.databytes = self.settings.databytes
         if "DATABYTES" in rule.env and rule.env["DATABYTES"].isdigit():
             self.databytes = int(rule.env["DATABYTES"])
@@ -207,7 +229,12 @@ class SMTPServer(Protocol):
             if len(line) > MAX_LINE:
                 self.out.append(b"500 line too long (#5.5.2)\r\n")
                 continue
-            result = self._command(line.rstrip(b"\r").decode("latin-1"))
+            text = line.rstrip(b"\r").decode("latin-1")
+            if self.auth_step is not None:
+                step, self.auth_step = self.auth_step, None
+                result = step(text)
+            else:
+                result = self._command(text)
             if isinstance(result, Deferred):
                 self._wait_for(result)
                 break
@@ -259,8 +286,14 @@ class SMTPServer(Protocol):
     def smtp_ehlo(self, argument: str):
         self.helo, self.protocol_name = argument.strip(), "ESMTP"
         self._reset()
-        size = f"SIZE {self.databytes}" if self.databytes else "SIZE"
-        self.out.append(f"250-{self.settings.me}\r\n250-PIPELINING\r\n250-8BITMIME\r\n250 {size}\r\n"
+        lines = [self.settings.me, "PIPELINING", "8BITMIME"]
+        if self._starttls_possible():
+            lines.append("STARTTLS")
+        mechanisms = " ".join(self._mechanisms())
+        if mechanisms and self.auth_user is None:
+            lines += [f"AUTH {mechanisms}", f"AUTH={mechanisms}"]
+        lines.append(f"SIZE {self.databytes}" if self.databytes else "SIZE")
+        self.out.append(("".join(f"250-{line}\r\n" for line in lines[:-1]) + f"250 {lines[-1]}\r\n")
                         .encode("latin-1", "replace"))
 
     def smtp_mail(self, argument: str):
@@ -280,8 +313,13 @@ class SMTPServer(Protocol):
         if size.isdigit() and self.databytes and int(size) > self.databytes:
             self.out.append(REPLY_SIZE)
             return
+        sender = with_default_host(address, self.settings)
+        if (self.settings.authsendercheck and self.auth_user is not None
+                and sender.lower() != self.auth_user.address.lower()):
+            self.out.append(b"553 sorry, that sender address is not yours (#5.7.1)\r\n")
+            return
         self._reset()
-        self.sender = with_default_host(address, self.settings)
+        self.sender = sender
         self.sender_bad = bad_mail_from(self.sender, self.settings)
         self.out.append(b"250 ok\r\n")
 
@@ -350,10 +388,182 @@ class SMTPServer(Protocol):
         self._flush()
         self.transport.loseConnection()
 
+    # -- STARTTLS (RFC 3207) --------------------------------------------------------
+
+    def _starttls_possible(self) -> bool:
+        return not self.encrypted and tls_ready(self.factory.tls)
+
+    def smtp_starttls(self, argument: str):
+        if not self._starttls_possible():
+            self.out.append(b"454 TLS not available (#4.3.0)\r\n")
+            return
+        self.out.append(b"220 ready for tls\r\n")
+        self._flush()
+        # Whatever the client pipelined after STARTTLS came in the clear: never act on it.
+        self.buffer = b""
+        self.transport.startTLS(self.factory.tls)
+        self.encrypted = True
+        self.helo, self.protocol_name = "", "ESMTP"
+        self._reset()
+
+    def _cipher(self) -> str:
+        if not self.encrypted:
+            return ""
+        try:
+            connection = self.transport.getHandle()
+            return f"{connection.get_protocol_version_name()}:{connection.get_cipher_name()}"
+        except Exception:  # a transport that cannot say
+            return "TLS"
+
+    # -- AUTH (RFC 4954) ------------------------------------------------------------
+
+    def _plaintext_allowed(self) -> bool:
+        """LOGIN and PLAIN send the password itself: on submission, and where
+        control/authrequirestls says so, only inside TLS."""
+        return self.encrypted or not (self.factory.submission or self.settings.authrequirestls)
+
+    def _mechanisms(self) -> list[str]:
+        if self.factory.portal is None:
+            return []
+        # CRAM-MD5 sends no password, so TLS is not needed for it; it works for
+        # the users whose vpasswd line keeps the clear-text field.
+        if self._plaintext_allowed():
+            return ["LOGIN", "CRAM-MD5", "PLAIN"]
+        return ["CRAM-MD5"]
+
+    def smtp_auth(self, argument: str):
+        mechanism, _, initial = argument.strip().partition(" ")
+        mechanism = mechanism.upper()
+        if self.factory.portal is None:
+            self.out.append(b"502 unimplemented (#5.5.1)\r\n")
+        elif self.auth_user is not None:
+            self.out.append(b"503 you're already authenticated (#5.5.0)\r\n")
+        elif self.sender is not None:
+            self.out.append(b"503 no auth during mail transaction (#5.5.0)\r\n")
+        elif not mechanism:
+            self.out.append(b"501 auth type required (#5.5.4)\r\n")
+        elif mechanism in PLAINTEXT_MECHANISMS and not self._plaintext_allowed():
+            self.out.append(REPLY_AUTH_NEEDS_TLS)
+        elif mechanism not in self._mechanisms():
+            self.out.append(b"504 auth type unimplemented (#5.5.1)\r\n")
+        elif self.factory.throttle.blocked(self.client.ip):
+            self.out.append(b"454 too many failed authentications, try again later (#4.7.0)\r\n")
+        elif mechanism == "PLAIN":
+            return self._auth_plain(initial.strip() or None)
+        elif mechanism == "LOGIN":
+            return self._auth_login(initial.strip() or None)
+        else:
+            return self._auth_cram()
+        return None
+
+    def _challenge(self, text: bytes, step: Callable[[str], object]) -> None:
+        self.out.append(b"334 " + base64.b64encode(text) + b"\r\n")
+        self.auth_step = step
+
+    def _decode(self, line: str) -> bytes | None:
+        """A client's base64 answer; None (and the reply given) for '*' or junk."""
+        line = line.strip()
+        if line == "*":
+            self.out.append(b"501 auth exchange cancelled (#5.0.0)\r\n")
+            return None
+        if line == "=":
+            return b""
+        try:
+            return base64.b64decode(line, validate=True)
+        except (binascii.Error, ValueError):
+            self.out.append(REPLY_AUTH_MALFORMED)
+            return None
+
+    def _auth_plain(self, initial: str | None):
+        if initial is None:
+            self._challenge(b"", self._plain_response)
+            return None
+        return self._plain_response(initial)
+
+    def _plain_response(self, line: str):
+        decoded = self._decode(line)
+        if decoded is None:
+            return None
+        parts = decoded.split(b"\0")
+        if len(parts) != 3 or not parts[1]:
+            self.out.append(REPLY_AUTH_MALFORMED)
+            return None
+        authzid, authcid, password = parts
+        if authzid and authzid.lower() != authcid.lower():
+            # Acting for another user (RFC 4616 authzid) is not something a mailbox may do.
+            return self._auth_failed("PLAIN", authcid)
+        return self._login(UsernamePassword(authcid, password), "PLAIN", authcid)
+
+    def _auth_login(self, initial: str | None):
+        if initial is None:
+            self._challenge(b"Username:", self._login_username)
+            return None
+        return self._login_username(initial)
+
+    def _login_username(self, line: str):
+        username = self._decode(line)
+        if username is None:
+            return None
+        self._challenge(b"Password:", lambda answer: self._login_password(username, answer))
+        return None
+
+    def _login_password(self, username: bytes, line: str):
+        password = self._decode(line)
+        if password is None:
+            return None
+        return self._login(UsernamePassword(username, password), "LOGIN", username)
+
+    def _auth_cram(self):
+        credentials = CramMD5Credentials()
+        credentials.challenge = f"<{secrets.randbelow(10**12)}.{int(time.time())}@{self.settings.me}>".encode()
+        self._challenge(credentials.challenge, lambda line: self._cram_response(credentials, line))
+        return None
+
+    def _cram_response(self, credentials: CramMD5Credentials, line: str):
+        response = self._decode(line)
+        if response is None:
+            return None
+        if b" " not in response.strip():
+            self.out.append(REPLY_AUTH_MALFORMED)
+            return None
+        credentials.setResponse(response.strip())
+        return self._login(credentials, "CRAM-MD5", credentials.username)
+
+    def _login(self, credentials, mechanism: str, username: bytes) -> Deferred:
+        attempt = self.factory.portal.login(credentials, None, IMailUser)
+        attempt.addCallbacks(self._auth_succeeded, lambda failure: self._auth_failed(mechanism, username, failure),
+                             callbackArgs=(mechanism,))
+        return attempt
+
+    def _auth_succeeded(self, login, mechanism: str) -> None:
+        _, user, _ = login
+        self.auth_user = user
+        self.client.authenticated = user.address
+        self.client.auth_relay = user.may_relay
+        self.factory.throttle.succeeded(self.client.ip)
+        log.info("smtpd: AUTH {mechanism} ok {user} from {ip}", mechanism=mechanism, user=user.address,
+                 ip=self.client.ip)
+        self.out.append(REPLY_AUTH_OK)
+        self._flush()
+
+    def _auth_failed(self, mechanism: str, username: bytes, failure=None) -> Deferred:
+        if failure is not None and not failure.check(UnauthorizedLogin):
+            log.failure("smtpd: AUTH {mechanism} could not be checked", failure, mechanism=mechanism)
+        name = username.decode("utf-8", "replace")[:100]
+        log.info("smtpd: AUTH {mechanism} failed for {name!r} from {ip}", mechanism=mechanism, name=name,
+                 ip=self.client.ip)
+        delay = self.factory.throttle.failed(self.client.ip)
+
+        def answer() -> None:
+            if self.transport is not None:
+                self.out.append(REPLY_AUTH_FAILED)
+                self._flush()
+        return deferLater(self.factory.clock, delay, answer)
+
     COMMANDS: dict[str, Callable] = {
         "HELO": smtp_helo, "EHLO": smtp_ehlo, "MAIL": smtp_mail, "RCPT": smtp_rcpt,
         "DATA": smtp_data, "RSET": smtp_rset, "NOOP": smtp_noop, "VRFY": smtp_vrfy,
-        "HELP": smtp_help, "QUIT": smtp_quit,
+        "HELP": smtp_help, "QUIT": smtp_quit, "STARTTLS": smtp_starttls, "AUTH": smtp_auth,
     }
 
     def _reset(self) -> None:
@@ -405,7 +615,10 @@ class SMTPServer(Protocol):
             self.out.append(REPLY_LOOPING)
             return None
         now = time.time()
-        message = received_header(self.helo, self.client.ip, self.settings.me, self.protocol_name, now) + message
+        protocol = self.protocol_name + ("S" if self.encrypted else "") + ("A" if self.auth_user else "")
+        user = self.auth_user.address if self.auth_user is not None else ""
+        message = received_header(self.helo, self.client.ip, self.settings.me, protocol, now,
+                                  self._cipher(), user) + message
         accepted = self.factory.queue.accept(sender, recipients, message)
         accepted.addCallbacks(self._queued, self._queue_failed)
         return accepted
@@ -428,8 +641,11 @@ class SMTPFactory(Factory):
     protocol = SMTPServer
 
     def __init__(self, *, settings: Callable[[], Settings], rules, queue, queued: Callable,
-                 clock, grants=None, submission: bool = False):
+                 clock, grants=None, submission: bool = False, tls=None, portal=None, throttle=None):
         self.submission = submission
+        self.tls = tls
+        self.portal = portal
+        self.throttle = throttle
         self.settings = settings
         self.rules = rules
         self.queue = queue

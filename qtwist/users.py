@@ -23,6 +23,13 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 import bcrypt
+from twisted.cred.checkers import ICredentialsChecker
+from twisted.cred.credentials import IUsernameHashedPassword, IUsernamePassword
+from twisted.cred.error import UnauthorizedLogin
+from twisted.cred.portal import IRealm, Portal
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.threads import deferToThread
+from zope.interface import Interface, implementer
 from passlib.hash import md5_crypt, sha256_crypt, sha512_crypt
 
 # vpopmail's gid flag bits (vpopmail.h).
@@ -524,3 +531,60 @@ class UserDB:
             return lines[:index] + [":".join(fields)] + lines[index + 1:]
 
         self._edit_vpasswd(domain, change)
+
+
+# -- Twisted cred: SMTP AUTH and POP3 log in through a Portal --------------------
+
+class IMailUser(Interface):
+    """The avatar of a logged-in mailbox user: the vpasswd User."""
+
+
+@implementer(ICredentialsChecker)
+class VpasswdChecker:
+    """Checks credentials against vpasswd for one service ('smtp' or 'pop3').
+
+    Passwords (PLAIN, LOGIN, USER/PASS) are verified against the stored hash
+    in a worker thread, since sha512-crypt and bcrypt cost milliseconds;
+    challenge mechanisms (CRAM-MD5, APOP) need the clear-text field.  A user
+    whose vpasswd flags forbid the service is refused like a wrong password.
+    """
+
+    credentialInterfaces = (IUsernamePassword, IUsernameHashedPassword)
+
+    def __init__(self, users: UserDB, service: str):
+        self.users = users
+        self.service = service
+
+    def requestAvatarId(self, credentials) -> Deferred:
+        address = _text(credentials.username)
+        if IUsernamePassword.providedBy(credentials):
+            checked = deferToThread(self.users.authenticate, address, _text(credentials.password))
+        else:
+            user = self.users.lookup(address)
+            secret = user.cleartext if user is not None else ""
+            checked = succeed(user if secret and credentials.checkPassword(secret.encode()) else None)
+        return checked.addCallback(self._allowed)
+
+    def _allowed(self, user: User | None) -> User:
+        permitted = user is not None and (user.may_smtp if self.service == "smtp" else user.may_pop)
+        if not permitted:
+            raise UnauthorizedLogin()
+        return user
+
+
+@implementer(IRealm)
+class MailRealm:
+    """Hands out the User the checker found."""
+
+    def requestAvatar(self, avatarId, mind, *interfaces):
+        if IMailUser not in interfaces:
+            raise NotImplementedError("qtwist only knows mail users")
+        return IMailUser, avatarId, lambda: None
+
+
+def mail_portal(users: UserDB, service: str) -> Portal:
+    return Portal(MailRealm(), [VpasswdChecker(users, service)])
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode("utf-8", "surrogateescape") if isinstance(value, bytes) else value
