@@ -92,6 +92,7 @@ class Settings:
     authfailwindow: int = 600
     authfailblock: int = 900
     dotqmailprograms: bool = False
+    selfsignedcert: bool = False
     servercert: Path | None = None
     listeners: tuple[tuple[str, str], ...] = ()
     local_domains: frozenset[str] = frozenset()
@@ -348,6 +349,7 @@ CONTROLS: tuple[tuple[str, str, Parser], ...] = (
     ("authfailwindow", "authfailwindow", _number),
     ("authfailblock", "authfailblock", _number),
     ("dotqmailprograms", "dotqmailprograms", _flag),
+    ("selfsignedcert", "selfsignedcert", _flag),
     ("listeners", "listeners", _listeners),
 )
 

@@ -13,6 +13,7 @@ from pathlib import Path
 from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import MultiService
 from twisted.internet.endpoints import serverFromString
+from twisted.logger import Logger
 from twisted.python import usage
 
 from qtwist.control import ControlWatcher
@@ -22,9 +23,11 @@ from qtwist.queue import Queue
 from qtwist.remote import RemoteDelivery, opportunistic_tls
 from qtwist.send import Scheduler
 from qtwist.smtpd import SMTPFactory
-from qtwist.tls import ImplicitTLSFactory, ServerTLS
+from qtwist.tls import ImplicitTLSFactory, ServerTLS, make_self_signed
 from qtwist.throttle import FailureThrottle
 from qtwist.users import UserDB, mail_portal
+
+log = Logger(namespace="qtwist.service")
 
 LISTENERS = ("smtp", "submission", "smtps", "pop3", "pop3s")
 BUILTIN_LISTENERS = {"smtp": ["tcp:25"], "submission": ["tcp:587"], "smtps": ["none"],
@@ -116,6 +119,13 @@ def makeService(options: Options) -> MultiService:
     scheduler = Scheduler(home, queue, lambda: control.settings, users, remote, reactor)
     scheduler.setServiceParent(top)
 
+    certificate = home / "control" / "servercert.pem"
+    if control.settings.selfsignedcert and not certificate.exists():
+        make_self_signed(certificate, control.settings.me)
+        control.reload()
+        log.warn("tls: made a self-signed certificate for {me} in control/servercert.pem "
+                 "(control/selfsignedcert asks for one; put a real certificate there for production)",
+                 me=control.settings.me)
     endpoints = listener_endpoints(options["listeners"], control.settings.listeners)
     server_tls = ServerTLS(lambda: control.settings.servercert)
     throttle = FailureThrottle(reactor, lambda: (control.settings.authfaillimit,

@@ -8,6 +8,7 @@ picked up by the next handshake without a restart.
 
 from __future__ import annotations
 
+import datetime
 import os
 from pathlib import Path
 from typing import Callable
@@ -111,3 +112,31 @@ class ImplicitTLSFactory(TLSMemoryBIOFactory):
                      name=self.name, peer=getattr(addr, "host", addr))
             return None
         return super().buildProtocol(addr)
+
+
+def make_self_signed(path: Path, hostname: str) -> None:
+    """A throw-away key and certificate for ``hostname`` in one PEM file
+    (for a demo home that asks for it with control/selfsignedcert)."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+    from cryptography.x509.oid import NameOID
+
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, hostname)])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    certificate = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
+                   .public_key(key.public_key()).serial_number(x509.random_serial_number())
+                   .not_valid_before(now - datetime.timedelta(days=1))
+                   .not_valid_after(now + datetime.timedelta(days=3650))
+                   .add_extension(x509.SubjectAlternativeName([x509.DNSName(hostname)]), critical=False)
+                   .sign(key, hashes.SHA256()))
+    pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.TraditionalOpenSSL,
+                            serialization.NoEncryption()) + certificate.public_bytes(serialization.Encoding.PEM)
+    scratch = path.with_name(f".{path.name}.new")
+    fd = os.open(scratch, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as handle:
+        handle.write(pem)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(scratch, path)
