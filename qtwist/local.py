@@ -102,8 +102,9 @@ class _Delivery:
 
     def success(self) -> Outcome:
         """qmail-local's report: files+forwards+programs, after any program's words."""
-        did = f"did {self.files}+{len(self.forwards)}+{self.programs}/"
-        return Outcome.success("/".join([*self.notes, did]), forwards=tuple(self.forwards))
+        did = f"did {self.files}+{len(self.forwards)}+{self.programs}"
+        return Outcome.success("".join(f"{line}\n" for line in [*self.notes, did]),
+                               forwards=tuple(self.forwards))
 
 
 def deliver(home: Path, settings: Settings, users: UserDB, recipient: str, sender: str,
@@ -559,7 +560,7 @@ def _program(delivery: _Delivery, path: Path, command: str, default: str | None)
         raise _Stop(Outcome.deferral(
             said or f"Program delivery failed with exit code {code}. (#4.3.0)"))
     if said:
-        delivery.notes.append(said.replace("\n", "/"))
+        delivery.notes.append(said.rstrip("\n"))
     return code == 99
 
 

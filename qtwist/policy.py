@@ -45,8 +45,9 @@ def split_address(address: str) -> tuple[str, str]:
 def rcpt_allowed(address: str, client: ClientInfo, settings: Settings) -> bool:
     """qmail-smtpd's addrallowed(), plus the relay rights.  The domain is what
     follows the last '@', so '%', '!', quoted local parts and source routes
-    (already stripped by the parser) never widen what is accepted."""
-    if may_relay(client):
+    (already stripped by the parser) never widen what is accepted.  An address
+    without '@' (RFC 5321's <postmaster>) is for envnoathost, so it is ours."""
+    if may_relay(client) or "@" not in address:
         return True
     _, domain = split_address(address)
     return bool(domain) and settings.is_rcpthost(domain)

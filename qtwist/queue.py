@@ -51,6 +51,7 @@ ENVELOPE_LENGTH = struct.Struct(">I")
 SEGMENT_LIMIT = 32 * 1024 * 1024
 
 PENDING, DELIVERED, FAILED = "pending", "delivered", "failed"
+BOUNCED = "bounced"  # failed, and the bounce that reports it is already queued
 
 
 class QueueError(Exception):

@@ -13,6 +13,7 @@ from __future__ import annotations
 import heapq
 import itertools
 import math
+import re
 import signal
 import threading
 import time
@@ -21,7 +22,7 @@ from pathlib import Path
 from typing import Callable
 
 from twisted.application.service import Service
-from twisted.internet.defer import Deferred, ensureDeferred
+from twisted.internet.defer import CancelledError, Deferred, DeferredList, ensureDeferred
 from twisted.internet.threads import deferToThread, deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
@@ -30,7 +31,7 @@ from qtwist import bounce, local
 from qtwist.control import Settings
 from qtwist.delivery import Outcome
 from qtwist.policy import channel_for, split_address
-from qtwist.queue import DELIVERED, FAILED, PENDING, Queue, QueuedMessage, take_flush_request, \
+from qtwist.queue import BOUNCED, DELIVERED, FAILED, PENDING, Queue, QueuedMessage, take_flush_request, \
     take_removal_requests
 
 log = Logger(namespace="qtwist.send")
@@ -38,6 +39,16 @@ log = Logger(namespace="qtwist.send")
 CHANSKIP = {"local": 10, "remote": 20}
 BODY_CACHE_LIMIT = 64 * 1024 * 1024
 POLL_INTERVAL = 1.0
+STOP_GRACE = 30.0
+# qmail-send's logsafe(): a report's newlines become '/', and anything outside
+# '!'..'~' (and '%') becomes '_', so one delivery is one word-split line.
+UNSAFE_IN_LOG = re.compile(r"[^!-$&-~]")
+
+
+def log_safe(report: str) -> str:
+    """A delivery report as qmail-send logs it; like qmail's reports, it ends
+    with a newline, so the logged text ends with '/'."""
+    return UNSAFE_IN_LOG.sub("_", report.rstrip("\n").replace("\n", "/")) + "/"
 
 
 def next_retry(born: float, now: float, channel: str) -> float:
@@ -105,6 +116,7 @@ class Scheduler(Service):
         self._poller = None
         self._cached_bytes = 0
         self._removed: set[int] = set()
+        self._running_deliveries: set[Deferred] = set()
         self.log = SendLog(reactor)
         self.local_pool = ThreadPool(minthreads=0, maxthreads=max(1, settings().concurrencylocal),
                                      name="qtwist-local")
@@ -126,14 +138,31 @@ class Scheduler(Service):
         self._pump()
 
     def stopService(self) -> Deferred:
+        """Start nothing new; let deliveries in progress finish and record their
+        results (as qmail-send's exitasap does), then close the queue.  One that
+        outlasts STOP_GRACE is retried after the next start."""
         super().stopService()
         if self._poller is not None and self._poller.running:
             self._poller.stop()
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
+        return ensureDeferred(self._stop())
+
+    async def _stop(self) -> None:
+        if self._running_deliveries:
+            self.log(f"stopping: waiting for {len(self._running_deliveries)} deliveries in progress")
+            waiting = DeferredList(list(self._running_deliveries), consumeErrors=True)
+            giving_up = self.reactor.callLater(STOP_GRACE, waiting.cancel)
+            try:
+                await waiting
+            except CancelledError:
+                self.log(f"stopping: {len(self._running_deliveries)} deliveries still running; "
+                         f"they are retried after the next start")
+            if giving_up.active():
+                giving_up.cancel()
         self.local_pool.stop()
         self.log.flush()
-        return self.queue.close()
+        await self.queue.close()
 
     # -- entry points ---------------------------------------------------------
 
@@ -154,6 +183,8 @@ class Scheduler(Service):
         if message.resolved:
             ensureDeferred(self._finish(message))
             return
+        if any(r.state == FAILED for r in message.recipients):
+            ensureDeferred(self._bounce(message))
         pending = [i for i, r in enumerate(message.recipients) if r.state == PENDING]
         self._enqueue(message, pending, ready=False)
 
@@ -210,7 +241,7 @@ class Scheduler(Service):
             if message is not None and message_id not in self._removed:
                 self._removed.add(message_id)
                 self.log(f"removed msg {message_id} by request")
-                self.queue.end(message, "removed")
+                ensureDeferred(self._end(message, "removed"))
         if take_flush_request(self.queue.dir):
             self.log("flush: retrying every deferred delivery now")
             self.flush()
@@ -218,6 +249,8 @@ class Scheduler(Service):
     # -- running deliveries -------------------------------------------------------
 
     def _pump(self) -> None:
+        if not self.running:
+            return
         settings = self.settings()
         limits = {"local": settings.concurrencylocal, "remote": settings.concurrencyremote}
         for channel, ready in self.ready.items():
@@ -226,7 +259,13 @@ class Scheduler(Service):
                 if job.message.id in self._removed or job.message.id not in self.queue.messages:
                     continue
                 self.in_progress[channel] += 1
-                ensureDeferred(self._run(job, settings))
+                delivery = ensureDeferred(self._run(job, settings))
+                self._running_deliveries.add(delivery)
+                delivery.addBoth(self._delivery_ended, delivery)
+
+    def _delivery_ended(self, result, delivery: Deferred):
+        self._running_deliveries.discard(delivery)
+        return result
 
     def _status(self, settings: Settings) -> None:
         self.log(f"status: local {self.in_progress['local']}/{settings.concurrencylocal} "
@@ -245,12 +284,18 @@ class Scheduler(Service):
             log.failure("delivery {d} crashed", d=number)
             outcomes = [Outcome.deferral(f"Internal error: {error!r}. (#4.3.0)")] * len(job.indexes)
         self.in_progress[job.channel] -= 1
+        failed = False
         for index, outcome in zip(job.indexes, outcomes):
-            self.log(f"delivery {number}: {outcome.kind}: {outcome.text.replace(chr(10), '/')}")
+            outcome = self._judge(message, outcome, settings)
+            self.log(f"delivery {number}: {outcome.kind}: {log_safe(outcome.text)}")
             await self._record(job, index, outcome, settings)
+            failed = failed or outcome.kind == "failure"
         self._status(settings)
-        if message.id in self.queue.messages and message.resolved and message.id not in self._removed:
-            await self._finish(message)
+        if message.id in self.queue.messages and message.id not in self._removed:
+            if message.resolved:
+                await self._finish(message)
+            elif failed:
+                await self._bounce(message)
         self._pump()
 
     async def _attempt(self, job: Job, settings: Settings) -> list[Outcome]:
@@ -269,6 +314,13 @@ class Scheduler(Service):
         return local.deliver(self.home, settings, self.users, recipient, message.sender,
                              message.read_body())
 
+    @staticmethod
+    def _judge(message: QueuedMessage, outcome: Outcome, settings: Settings) -> Outcome:
+        """A deferral after queuelifetime is the last try: it becomes a failure."""
+        if outcome.kind == "deferral" and time.time() >= message.born + settings.queuelifetime:
+            return Outcome.failure(f"{outcome.text}\n{bounce.GIVING_UP}")
+        return outcome
+
     async def _record(self, job: Job, index: int, outcome: Outcome, settings: Settings) -> None:
         message = job.message
         recipient = message.recipients[index]
@@ -280,14 +332,11 @@ class Scheduler(Service):
             recipient.state, recipient.text = DELIVERED, outcome.text
             self.queue.record_result(message, index)
             return
-        now = time.time()
-        if outcome.kind == "deferral" and now >= message.born + settings.queuelifetime:
-            outcome = Outcome.failure(f"{outcome.text}\n{bounce.GIVING_UP}")
         if outcome.kind == "failure":
             recipient.state, recipient.text = FAILED, outcome.text
             self.queue.record_result(message, index)
             return
-        recipient.next_try = min(next_retry(message.born, now, job.channel),
+        recipient.next_try = min(next_retry(message.born, time.time(), job.channel),
                                  message.born + settings.queuelifetime)
         recipient.text = outcome.text
         self.queue.record_deferral(message, index)
@@ -302,22 +351,39 @@ class Scheduler(Service):
                                             f"Delivered-To: {recipient}\n".encode() + body)
         self.submit(forwarded)
 
+    async def _bounce(self, message: QueuedMessage) -> None:
+        """Report the failed recipients to the sender now, while others may
+        still wait for their retries (permanent failures bounce at once).
+        They are marked before the first await, so a delivery of the same
+        message ending meanwhile cannot report them twice."""
+        failed = [i for i, r in enumerate(message.recipients) if r.state == FAILED]
+        if not failed:
+            return
+        for index in failed:
+            message.recipients[index].state = BOUNCED
+        settings = self.settings()
+        envelope = bounce.bounce_envelope(settings, message.sender)
+        if envelope is None:
+            self.log(f"triple bounce: discarding msg {message.id}")
+        else:
+            original = message.body if message.body is not None else await deferToThread(message.read_body)
+            failures = [(message.recipients[i].address, message.recipients[i].text) for i in failed]
+            text = bounce.failure_notice(settings, message.sender, failures, original, time.time())
+            sender, recipient = envelope
+            bounced = await self.queue.accept(sender, [(recipient, channel_for(recipient, settings))], text)
+            self.log(f"bounce msg {message.id} qp {bounced.id}")
+            self.submit(bounced)
+        if message.id in self.queue.messages:
+            for index in failed:
+                self.queue.record_result(message, index)
+
     async def _finish(self, message: QueuedMessage) -> None:
         """Every recipient is done: bounce the failures, then end the message."""
-        settings = self.settings()
-        failures = [(r.address, r.text) for r in message.recipients if r.state == FAILED]
-        if failures:
-            envelope = bounce.bounce_envelope(settings, message.sender)
-            if envelope is None:
-                self.log(f"triple bounce: discarding msg {message.id}")
-            else:
-                original = message.body if message.body is not None else await deferToThread(message.read_body)
-                text = bounce.failure_notice(settings, message.sender, failures, original, time.time())
-                sender, recipient = envelope
-                bounced = await self.queue.accept(sender, [(recipient, channel_for(recipient, settings))], text)
-                self.log(f"bounce msg {message.id} qp {bounced.id}")
-                self.submit(bounced)
+        await self._bounce(message)
+        await self._end(message, "done")
+        self.log(f"end msg {message.id}")
+
+    async def _end(self, message: QueuedMessage, why: str) -> None:
         if message.body is not None:
             self._cached_bytes -= message.size
-        await self.queue.end(message, "done")
-        self.log(f"end msg {message.id}")
+        await self.queue.end(message, why)

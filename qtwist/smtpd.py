@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import re
 import secrets
 import time
 from email.utils import formatdate
@@ -21,10 +22,11 @@ from typing import Callable
 from twisted.cred.credentials import CramMD5Credentials, UsernamePassword
 from twisted.cred.error import UnauthorizedLogin
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import ISSLTransport
+from twisted.internet.interfaces import IPushProducer, ISSLTransport
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
+from zope.interface import implementer
 
 from qtwist.control import Settings
 from qtwist.policy import (ClientInfo, bad_mail_from, bad_rcpt_to, channel_for, rcpt_allowed,
@@ -52,6 +54,9 @@ REPLY_AUTH_FAILED = b"535 authentication failed (#5.7.1)\r\n"
 REPLY_AUTH_NEEDS_TLS = b"538 auth not available without TLS (#5.3.3)\r\n"
 REPLY_AUTH_MALFORMED = b"501 malformed auth input (#5.5.4)\r\n"
 PLAINTEXT_MECHANISMS = ("LOGIN", "PLAIN")
+# What a client names itself goes into the header as qmail's safeput() does it:
+# no character that could end a comment or start a new header line.
+UNSAFE_IN_RECEIVED = re.compile(r"[^A-Za-z0-9.@%+/=:-]")
 
 
 def parse_address(argument: str) -> tuple[str, str] | None:
@@ -102,6 +107,7 @@ def received_header(helo: str, ip: str, me: str, protocol: str, now: float, ciph
     """qmail's Received: line (LF ends, as the queue stores messages), with the
     TLS cipher and the authenticated user as qmail's TLS and AUTH patches add them."""
     stamp = formatdate(now).replace("+0000", "-0000")
+    helo = UNSAFE_IN_RECEIVED.sub("?", helo)
     client = f"({user}@{ip})" if user else f"({ip})"
     encrypted = f"({cipher} encrypted) " if cipher else ""
     return (f"Received: from unknown (HELO {helo or 'unknown'}) {client}\n"
@@ -125,8 +131,10 @@ def too_many_hops(message: bytes) -> bool:
     return sum(1 for line in lines if line.startswith((b"received:", b"delivered-to:"))) >= MAX_HOPS
 
 
+@implementer(IPushProducer)
 class SMTPServer(Protocol):
-    """One SMTP session."""
+    """One SMTP session; the producer of its own replies, so that a client
+    that stops reading them stops being read."""
 
     def __init__(self, factory: "SMTPFactory"):
         self.factory = factory
@@ -139,16 +147,18 @@ class SMTPServer(Protocol):
         self.sender_bad = False
         self.recipients: list[tuple[str, str]] = []
         self.buffer = b""
+        self.offset = 0
         self.in_data = False
         self.data = bytearray()
         self.data_searched = 0
+        self.data_checked = 0
         self.data_overflow = False
         self.discarding_line = False
         self.encrypted = False
         self.auth_user = None
         self.auth_step: Callable[[str], object] | None = None
         self.busy = False
-        self.paused = False
+        self.reading_stopped: set[str] = set()
         self.out: list[bytes] = []
         self.last_activity = 0.0
         self.timer = None
@@ -167,6 +177,7 @@ class SMTPServer(Protocol):
             return
         grant = rule.key != ip and self.factory.has_grant(ip, self.settings)
         self.client = ClientInfo(ip, dict(rule.env), pop_grant=grant)
+        self.transport.registerProducer(self, True)
         self.encrypted = ISSLTransport.providedBy(self.transport)
         self.databytes = self.settings.databytes
         if "DATABYTES" in rule.env and rule.env["DATABYTES"].isdigit():
@@ -181,6 +192,12 @@ class SMTPServer(Protocol):
         self.timer = None
         self.data = bytearray()
 
+    def _close(self) -> None:
+        """Write what is pending, then close (a transport with a registered
+        producer would otherwise stay open)."""
+        self.transport.unregisterProducer()
+        self.transport.loseConnection()
+
     def _check_timeout(self) -> None:
         idle = self.factory.clock.seconds() - self.last_activity
         remaining = self.settings.timeoutsmtpd - idle
@@ -189,17 +206,20 @@ class SMTPServer(Protocol):
             return
         self.timer = None
         self.transport.write(b"451 timeout (#4.4.2)\r\n")
-        self.transport.loseConnection()
+        self._close()
 
     # -- input ------------------------------------------------------------------
+    #
+    # Reading stops for two reasons: a check is running and the client keeps
+    # sending ("input"), or the client does not read its replies and the
+    # transport's buffer is full ("output", through IPushProducer below).
 
     def dataReceived(self, data: bytes) -> None:
         self.last_activity = self.factory.clock.seconds()
         if self.busy:
             self.buffer += data
-            if len(self.buffer) > MAX_LINE * 16 and not self.paused:
-                self.paused = True
-                self.transport.pauseProducing()
+            if len(self.buffer) - self.offset > MAX_LINE * 16:
+                self._stop_reading("input")
             return
         if self.in_data:
             self._data_chunk(data)
@@ -208,21 +228,24 @@ class SMTPServer(Protocol):
         self._process()
 
     def _process(self) -> None:
-        """Handle every complete line (or the end of message data) in the buffer."""
-        while not self.busy and self.transport is not None and not self.disconnecting:
+        """Handle every complete line (or the end of message data) in the buffer.
+        Lines are cut at an offset, so a buffer of many pipelined commands is
+        not copied once per command."""
+        while (not self.busy and "output" not in self.reading_stopped and self.transport is not None
+               and not self.disconnecting):
             if self.in_data:
                 if not self._data_complete():
                     break
                 continue
-            newline = self.buffer.find(b"\n")
+            newline = self.buffer.find(b"\n", self.offset)
             if newline < 0:
-                if len(self.buffer) > MAX_LINE:
+                if len(self.buffer) - self.offset > MAX_LINE:
                     if not self.discarding_line:
                         self.out.append(b"500 line too long (#5.5.2)\r\n")
                     self.discarding_line = True
-                    self.buffer = b""
+                    self.offset = len(self.buffer)
                 break
-            line, self.buffer = self.buffer[:newline], self.buffer[newline + 1:]
+            line, self.offset = self.buffer[self.offset:newline], newline + 1
             if self.discarding_line:
                 self.discarding_line = False
                 continue
@@ -238,7 +261,38 @@ class SMTPServer(Protocol):
             if isinstance(result, Deferred):
                 self._wait_for(result)
                 break
+        if not self.busy and self.offset:
+            self.buffer, self.offset = self.buffer[self.offset:], 0
         self._flush()
+
+    def _take_buffer(self) -> bytes:
+        """What the client sent beyond the lines already handled."""
+        pending, self.buffer, self.offset = self.buffer[self.offset:], b"", 0
+        return pending
+
+    def _stop_reading(self, reason: str) -> None:
+        if not self.reading_stopped and self.transport is not None:
+            self.transport.pauseProducing()
+        self.reading_stopped.add(reason)
+
+    def _start_reading(self, reason: str) -> None:
+        if reason not in self.reading_stopped:
+            return
+        self.reading_stopped.discard(reason)
+        if not self.reading_stopped and self.transport is not None:
+            self.transport.resumeProducing()
+
+    def pauseProducing(self) -> None:
+        """The client does not read its replies: read and answer nothing more."""
+        self._stop_reading("output")
+
+    def resumeProducing(self) -> None:
+        self._start_reading("output")
+        if self.transport is not None and not self.busy:
+            self._process()
+
+    def stopProducing(self) -> None:
+        pass
 
     @property
     def disconnecting(self) -> bool:
@@ -255,12 +309,9 @@ class SMTPServer(Protocol):
         self.busy = False
         if self.transport is None or self.client is None:
             return
-        if self.paused:
-            self.paused = False
-            self.transport.resumeProducing()
-        if self.in_data and self.buffer:
-            pending, self.buffer = self.buffer, b""
-            self._data_chunk(pending)
+        self._start_reading("input")
+        if self.in_data and len(self.buffer) > self.offset:
+            self._data_chunk(self._take_buffer())
         self._process()
 
     def _flush(self) -> None:
@@ -364,8 +415,9 @@ class SMTPServer(Protocol):
         self.in_data = True
         self.data = bytearray(b"\r\n")  # so a message that is only "." ends at once
         self.data_searched = 0
+        self.data_checked = 2
         self.data_overflow = False
-        pending, self.buffer = self.buffer, b""
+        pending = self._take_buffer()
         if pending:
             self._data_chunk(pending)
 
@@ -386,7 +438,7 @@ class SMTPServer(Protocol):
     def smtp_quit(self, argument: str):
         self.out.append(f"221 {self.settings.me}\r\n".encode("latin-1", "replace"))
         self._flush()
-        self.transport.loseConnection()
+        self._close()
 
     # -- STARTTLS (RFC 3207) --------------------------------------------------------
 
@@ -400,7 +452,7 @@ class SMTPServer(Protocol):
         self.out.append(b"220 ready for tls\r\n")
         self._flush()
         # Whatever the client pipelined after STARTTLS came in the clear: never act on it.
-        self.buffer = b""
+        self._take_buffer()
         self.transport.startTLS(self.factory.tls)
         self.encrypted = True
         self.helo, self.protocol_name = "", "ESMTP"
@@ -572,23 +624,32 @@ class SMTPServer(Protocol):
     # -- message data -----------------------------------------------------------------
 
     def _data_chunk(self, chunk: bytes) -> None:
-        """Add received message data; past the size limit only the tail is kept,
-        enough to find the terminator."""
         self.data += chunk
-        limit = self.databytes or HARD_DATA_LIMIT
-        if len(self.data) > 2 * limit + 65536:  # even all-CRLF data this long is too big
-            self.data_overflow = True
-            del self.data[:-4]
-            self.data_searched = 0
 
     def _data_complete(self) -> bool:
-        """If the terminator has arrived, finish the message; False while waiting."""
-        end = self.data.find(TERMINATOR, self.data_searched)
-        if end < 0:
-            self.data_searched = max(0, len(self.data) - 4)
+        """Finish the message if its terminator has arrived; False while waiting.
+
+        Like qmail-smtpd, answer a bare LF as soon as it arrives (an LF-only
+        client would never send CRLF.CRLF), and past the size limit keep only
+        the tail that may still hold the terminator."""
+        data = self.data
+        end = data.find(TERMINATOR, self.data_searched)
+        checked_to = end + len(TERMINATOR) if end >= 0 else len(data)
+        start = self.data_checked  # every LF before it follows a CR; start >= 1
+        if data.count(b"\n", start, checked_to) != data.count(b"\r\n", start - 1, checked_to):
+            self._bare_lf()
             return False
-        raw = bytes(self.data[2:end + 2])
-        self.buffer = bytes(self.data[end + 5:]) + self.buffer
+        if end < 0:
+            self.data_checked = len(data)
+            if len(data) > 2 * (self.databytes or HARD_DATA_LIMIT) + 65536:
+                # Too big even if it were all CRLFs.
+                self.data_overflow = True
+                del data[:-4]
+                self.data_checked = len(data)
+            self.data_searched = max(0, len(data) - 4)
+            return False
+        raw = bytes(data[2:end + 2])
+        self.buffer, self.offset = bytes(data[end + 5:]) + self._take_buffer(), 0
         self.data = bytearray()
         self.in_data = False
         result = self._message(raw)
@@ -596,14 +657,17 @@ class SMTPServer(Protocol):
             self._wait_for(result)
         return True
 
+    def _bare_lf(self) -> None:
+        self._reset()
+        self.in_data = False
+        self.data = bytearray()
+        self.out.append(REPLY_BARE_LF)
+        self._flush()
+        self._close()
+
     def _message(self, raw: bytes):
         sender, recipients = self.sender, self.recipients
         self._reset()
-        if raw.count(b"\n") != raw.count(b"\r\n"):
-            self.out.append(REPLY_BARE_LF)
-            self._flush()
-            self.transport.loseConnection()
-            return None
         if self.data_overflow:
             self.out.append(REPLY_SIZE)
             return None

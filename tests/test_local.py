@@ -100,7 +100,7 @@ def alice_maildir(home: Path) -> Path:
 
 def test_delivery_lands_in_new_with_return_path_and_delivered_to(home, settings):
     outcome = deliver(home, settings, f"alice@{DOMAIN}")
-    assert outcome == Outcome.success("did 1+0+0/")
+    assert outcome == Outcome.success("did 1+0+0\n")
     assert only_message(alice_maildir(home)) == stored(f"alice@{DOMAIN}")
 
 
@@ -204,7 +204,7 @@ def test_extension_of_an_existing_user_reaches_the_user(home, settings):
 def test_dot_qmail_default_of_the_user_wins_over_the_user(home, settings):
     dot_qmail(domain_dir(home), ".qmail-alice-default", "&archive@elsewhere.test\n")
     outcome = deliver(home, settings, f"alice-lists@{DOMAIN}")
-    assert outcome == Outcome.success("did 0+1+0/", forwards=("archive@elsewhere.test",))
+    assert outcome == Outcome.success("did 0+1+0\n", forwards=("archive@elsewhere.test",))
     assert new_files(alice_maildir(home)) == []
 
 
@@ -223,12 +223,12 @@ def test_dots_in_the_local_part_become_colons(home, settings):
 def test_dot_qmail_default_catches_unknown_users_only(home, settings):
     dot_qmail(domain_dir(home), ".qmail-default", "&catchall@elsewhere.test\n")
     assert deliver(home, settings, f"nobody@{DOMAIN}").forwards == ("catchall@elsewhere.test",)
-    assert deliver(home, settings, f"alice@{DOMAIN}") == Outcome.success("did 1+0+0/")
+    assert deliver(home, settings, f"alice@{DOMAIN}") == Outcome.success("did 1+0+0\n")
 
 
 def test_folder_named_like_a_dot_qmail_is_ignored(home, settings):
     (domain_dir(home) / ".qmail-alice").mkdir()
-    assert deliver(home, settings, f"alice@{DOMAIN}") == Outcome.success("did 1+0+0/")
+    assert deliver(home, settings, f"alice@{DOMAIN}") == Outcome.success("did 1+0+0\n")
 
 
 def test_slash_in_the_local_part_never_leaves_the_folder(home, settings):
@@ -246,18 +246,18 @@ def test_forward_only_file_succeeds_with_forwards_and_skips_comments(home, setti
               "# the sales team\n&bob@elsewhere.test\ncarol@elsewhere.test  \n\n")
     outcome = deliver(home, settings, f"sales@{DOMAIN}")
     assert outcome == Outcome.success(
-        "did 0+2+0/", forwards=("bob@elsewhere.test", "carol@elsewhere.test"))
+        "did 0+2+0\n", forwards=("bob@elsewhere.test", "carol@elsewhere.test"))
 
 
 def test_comment_only_file_accepts_and_drops(home, settings):
     dot_qmail(domain_dir(home), ".qmail-void", "# drop everything\n")
-    assert deliver(home, settings, f"void@{DOMAIN}") == Outcome.success("did 0+0+0/")
+    assert deliver(home, settings, f"void@{DOMAIN}") == Outcome.success("did 0+0+0\n")
 
 
 def test_relative_maildir_line_is_relative_to_the_dot_qmail_folder(home, settings):
     maildir = make_maildir(domain_dir(home) / "shared" / "Maildir")
     dot_qmail(domain_dir(home), ".qmail-info", "./shared/Maildir/\n")
-    assert deliver(home, settings, f"info@{DOMAIN}") == Outcome.success("did 1+0+0/")
+    assert deliver(home, settings, f"info@{DOMAIN}") == Outcome.success("did 1+0+0\n")
     assert only_message(maildir) == stored(f"info@{DOMAIN}")
 
 
@@ -265,7 +265,7 @@ def test_maildir_and_forward_lines_both_happen(home, settings, tmp_path):
     maildir = make_maildir(tmp_path / "copies" / "Maildir")
     dot_qmail(domain_dir(home), ".qmail-info", f"{maildir}/\n&bob@elsewhere.test\n")
     outcome = deliver(home, settings, f"info@{DOMAIN}")
-    assert outcome == Outcome.success("did 1+1+0/", forwards=("bob@elsewhere.test",))
+    assert outcome == Outcome.success("did 1+1+0\n", forwards=("bob@elsewhere.test",))
     assert only_message(maildir) == stored(f"info@{DOMAIN}")
 
 
@@ -279,7 +279,7 @@ def test_missing_maildir_of_a_dot_qmail_line_defers(home, settings, tmp_path):
 def test_mbox_line_appends_with_from_line_and_quoting(home, settings, tmp_path):
     mbox = tmp_path / "archive.mbox"
     dot_qmail(domain_dir(home), ".qmail-archive", f"{mbox}\n")
-    assert deliver(home, settings, f"archive@{DOMAIN}") == Outcome.success("did 1+0+0/")
+    assert deliver(home, settings, f"archive@{DOMAIN}") == Outcome.success("did 1+0+0\n")
     assert deliver(home, settings, f"archive@{DOMAIN}", sender="").kind == "success"
     quoted = MESSAGE.replace(b"\nFrom the start", b"\n>From the start")
     entries = mbox.read_bytes().split(b"\n\nFrom ")
@@ -337,7 +337,7 @@ def test_program_line_runs_when_enabled(home, tmp_path):
     dot_qmail(domain_dir(home), ".qmail-robot-default",
               f'|cat > {out}\n|echo "$SENDER|$RECIPIENT|$LOCAL|$HOST|$DEFAULT|$DTLINE" > {env}\n')
     outcome = deliver(home, settings, f"robot-Job@{DOMAIN}")
-    assert outcome == Outcome.success("did 0+0+2/")
+    assert outcome == Outcome.success("did 0+0+2\n")
     assert out.read_bytes() == MESSAGE
     assert env.read_text() == (f"{SENDER}|robot-Job@{DOMAIN}|robot-Job|{DOMAIN}|Job|"
                                f"Delivered-To: robot-Job@{DOMAIN}\n\n")
@@ -353,7 +353,7 @@ def test_program_exit_codes(home, code, kind):
 def test_exit_99_skips_the_rest_of_the_file(home):
     settings = programs_allowed(home)
     dot_qmail(domain_dir(home), ".qmail-robot", "|exit 99\n&bob@elsewhere.test\n")
-    assert deliver(home, settings, f"robot@{DOMAIN}") == Outcome.success("did 0+0+1/")
+    assert deliver(home, settings, f"robot@{DOMAIN}") == Outcome.success("did 0+0+1\n")
 
 
 def test_failing_line_ends_the_delivery(home):
