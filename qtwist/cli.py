@@ -3,13 +3,14 @@ qmail-qstat and qmail-qread in one place (SPEC §7).
 
 Every failure an admin can cause (a missing home, an unknown domain, a bad
 quota) ends as one line on stderr and exit status 1; usage errors exit 2, as
-argparse does.
+argparse does.  ``sendmail`` is qmail-inject behind sendmail's command line.
 """
 
 from __future__ import annotations
 
 import argparse
 import getpass
+import os
 import sys
 import time
 from contextlib import contextmanager
@@ -96,6 +97,24 @@ def _showctl(args: argparse.Namespace) -> int:
     return 1 if errors else 0
 
 
+def _plugins(args: argparse.Namespace) -> int:
+    """Every installed plugin, and whether control/plugins enables it (and where)."""
+    from qtwist import control
+    from qtwist.hooks import installed_plugins
+
+    settings, errors = control.load(args.home)
+    installed = installed_plugins()
+    for name in sorted(installed):
+        place = settings.plugins.index(name) + 1 if name in settings.plugins else 0
+        state = f"enabled {place}" if place else "-"
+        print(f"{name}\t{state}\t{installed[name].description}")
+    for name in settings.plugins:
+        if name not in installed:
+            print(f"qtwist: control/plugins names {name!r}, which is not installed", file=sys.stderr)
+            errors.append(name)
+    return 1 if errors else 0
+
+
 # -- the queue -----------------------------------------------------------------
 
 @contextmanager
@@ -169,6 +188,16 @@ def _relay(args: argparse.Namespace) -> None:
     print(f"cleared {grants.clear(args.older)} grant(s)")
 
 
+def _sendmail(args: argparse.Namespace) -> None:
+    """sendmail's interface for scripts (PHP's mail(), cron): the message on stdin."""
+    from qtwist.inject import InjectError, sendmail
+
+    try:
+        sendmail(args.home, args.arguments, sys.stdin.buffer, os.environ, time.time())
+    except InjectError as error:
+        raise CommandError(f"sendmail: {error}") from None
+
+
 # -- the parser ------------------------------------------------------------------
 
 def _quota(text: str) -> int:
@@ -225,6 +254,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     commands.add_parser("showctl", help="show every control setting in force").set_defaults(
         run=_showctl)
+    commands.add_parser("plugins", help="list the installed plugins and which are enabled").set_defaults(
+        run=_plugins)
     commands.add_parser("qstat", help="count the queued messages").set_defaults(run=_qstat)
     commands.add_parser("qread", help="list the queued messages").set_defaults(run=_qread)
 
@@ -244,6 +275,14 @@ def build_parser() -> argparse.ArgumentParser:
     clear.add_argument("--older", type=float, metavar="SECONDS",
                        help="only grants at least this old")
     relay.set_defaults(run=_relay)
+
+    # sendmail's own option syntax (-t, -oi, -fSENDER, options among recipients)
+    # is parsed by qtwist.inject, so argparse sees only words here.
+    sendmail = commands.add_parser(
+        "sendmail", prefix_chars="+", add_help=False,
+        help="inject a message from standard input (sendmail's options: -t -i -f -F ...)")
+    sendmail.add_argument("arguments", nargs=argparse.REMAINDER)
+    sendmail.set_defaults(run=_sendmail)
     return parser
 
 

@@ -86,7 +86,11 @@ class Settings:
     spfbehavior: int = 0
     relaygrantlifetime: int = 10800
     plugins: tuple[str, ...] = ()
+    plugintimeout: int = 60
+    rblservers: tuple[str, ...] = ()
+    chkusersender: bool = False
     authrequirestls: bool = False
+    pop3requiretls: bool = False
     authsendercheck: bool = False
     authfaillimit: int = 10
     authfailwindow: int = 600
@@ -343,7 +347,11 @@ CONTROLS: tuple[tuple[str, str, Parser], ...] = (
     ("spfbehavior", "spfbehavior", _number),
     ("relaygrantlifetime", "relaygrantlifetime", _number),
     ("plugins", "plugins", _line_tuple),
+    ("plugintimeout", "plugintimeout", _number),
+    ("rblservers", "rblservers", _line_tuple),
+    ("chkusersender", "chkusersender", _flag),
     ("authrequirestls", "authrequirestls", _flag),
+    ("pop3requiretls", "pop3requiretls", _flag),
     ("authsendercheck", "authsendercheck", _flag),
     ("authfaillimit", "authfaillimit", _number),
     ("authfailwindow", "authfailwindow", _number),

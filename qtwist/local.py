@@ -23,6 +23,7 @@ import signal
 import socket
 import stat
 import subprocess
+import threading
 import time
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -200,17 +201,64 @@ def _deliver_alias(delivery: _Delivery, alias_path: Path) -> Outcome:
 
 
 def _find_user(delivery: _Delivery) -> User | None:
-    """The vpasswd user for the local part; for ``user-ext`` the longest existing
-    ``user`` (vpopmail's QMAIL_EXT).  None outside virtual domains."""
+    """The vpasswd user for the local part; None outside virtual domains."""
     if delivery.domain_dir is None:
         return None
-    candidate = delivery.local.lower()
+    return _vpasswd_user(delivery.users, delivery.local, delivery.domain_dir)
+
+
+def _vpasswd_user(users: UserDB, local: str, domain_dir: str) -> User | None:
+    """The user for ``local``; for ``user-ext`` the longest existing ``user``
+    (vpopmail's QMAIL_EXT)."""
+    candidate = local.lower()
     while candidate:
-        user = delivery.users.lookup(f"{candidate}@{delivery.domain_dir}")
+        user = users.lookup(f"{candidate}@{domain_dir}")
         if user is not None:
             return user
         candidate = candidate.rpartition("-")[0]
     return None
+
+
+def mailbox_check(home: Path, settings: Settings, users: UserDB, recipient: str) -> str:
+    """chkuser's question, asked at RCPT: would delivery find a mailbox?
+    "ok", "unknown" or "full".  It follows deliver()'s order without
+    delivering; anything it cannot judge (other programs, forwards, a
+    catch-all .qmail-default) is "ok", as delivery decides later."""
+    local, _, host = recipient.rpartition("@")
+    domain_dir = settings.local_domain(host.lower())
+    if domain_dir is None:
+        return "ok"
+    domain_path = Path(home) / "domains" / domain_dir
+    names = _dot_qmail_names(local)
+    if any((domain_path / name).is_file() for name, _ in names[:-1]):
+        return "ok"
+    user = _vpasswd_user(users, local, domain_dir)
+    if user is not None:
+        if user.gid & BOUNCE_MAIL:
+            return "unknown"
+        quota = user.quota_bytes
+        try:
+            if quota is not None and _quota_used(user.maildir, quota) >= quota:
+                return "full"
+        except OSError:
+            pass  # no Maildir yet: delivery makes it
+        return "ok"
+    try:
+        default = (domain_path / ".qmail-default").read_text("utf-8", "surrogateescape")
+    except OSError:
+        return "unknown"
+    if any(line.startswith("|") and _bounces_unknown_users(line[1:]) for line in default.splitlines()):
+        return "unknown"
+    return "ok"
+
+
+def _bounces_unknown_users(command: str) -> bool:
+    """vpopmail's usual .qmail-default: ``| vdelivermail '' bounce-no-mailbox``."""
+    try:
+        words = shlex.split(command)
+    except ValueError:
+        return False
+    return len(words) >= 3 and os.path.basename(words[0]) == "vdelivermail" and words[2] == "bounce-no-mailbox"
 
 
 # -- dot-qmail files ---------------------------------------------------------------------------
@@ -323,7 +371,7 @@ def _write_maildir(maildir: Path, data: bytes, create: bool) -> None:
         _unlink_quietly(tmp_path)
         raise _Stop(Outcome.deferral(_maildir_trouble(maildir, error)))
     try:
-        _fsync_dir(new_dir)
+        _directory_syncs.sync(new_dir)
     except OSError as error:
         raise _Stop(Outcome.deferral(_maildir_trouble(maildir, error)))
 
@@ -352,6 +400,62 @@ def _fsync_dir(directory: str) -> None:
         os.close(fd)
 
 
+class _DirectorySync:
+    __slots__ = ("requested", "synced", "syncing", "waiting")
+
+    def __init__(self) -> None:
+        self.requested = self.synced = self.waiting = 0
+        self.syncing = False
+
+
+class DirectorySyncs:
+    """Directory fsyncs shared between delivery threads: one fsync of new/
+    makes durable every rename into it that happened before it started, so
+    deliveries arriving together into one Maildir wait for one fsync, not one
+    each (group commit)."""
+
+    def __init__(self) -> None:
+        self._changed = threading.Condition()
+        self._directories: dict[str, _DirectorySync] = {}
+
+    def sync(self, directory: str) -> None:
+        """Return once a rename into ``directory`` done before this call is durable."""
+        with self._changed:
+            state = self._directories.get(directory)
+            if state is None:
+                state = self._directories[directory] = _DirectorySync()
+            state.requested += 1
+            ticket = state.requested
+            state.waiting += 1
+            try:
+                while state.synced < ticket:
+                    if state.syncing:
+                        self._changed.wait()
+                        continue
+                    self._sync(directory, state)
+            finally:
+                state.waiting -= 1
+                if not state.waiting:
+                    del self._directories[directory]
+
+    def _sync(self, directory: str, state: _DirectorySync) -> None:
+        """fsync with the lock released; a failure is raised to this caller and
+        leaves the others to try again."""
+        state.syncing = True
+        covers = state.requested
+        self._changed.release()
+        try:
+            _fsync_dir(directory)
+        finally:
+            self._changed.acquire()
+            state.syncing = False
+            self._changed.notify_all()
+        state.synced = max(state.synced, covers)
+
+
+_directory_syncs = DirectorySyncs()
+
+
 def _unlink_quietly(path: str) -> None:
     try:
         os.unlink(path)
@@ -365,15 +469,21 @@ def _unlink_quietly(path: str) -> None:
 def _check_quota(maildir: Path, quota: int, size: int) -> None:
     """Defer when the message would take the Maildir over ``quota`` bytes (vpopmail
     defers; the scheduler bounces at queuelifetime)."""
+    if _quota_used(maildir, quota, size) + size > quota:
+        raise _Stop(Outcome.deferral(OVER_QUOTA))
+
+
+def _quota_used(maildir: Path, quota: int, size: int = 0) -> int:
+    """Bytes in use, from maildirsize (rebuilt when missing, or when stale and
+    a message of ``size`` would not fit)."""
     spec = f"{quota}S"
     path = maildir / "maildirsize"
     used = _usage_from_maildirsize(path, spec)
     if used is None:
-        used = _rebuild_maildirsize(maildir, spec)
-    elif used + size > quota and _is_stale(path):
-        used = _rebuild_maildirsize(maildir, spec)
-    if used + size > quota:
-        raise _Stop(Outcome.deferral(OVER_QUOTA))
+        return _rebuild_maildirsize(maildir, spec)
+    if used + size > quota and _is_stale(path):
+        return _rebuild_maildirsize(maildir, spec)
+    return used
 
 
 def _usage_from_maildirsize(path: Path, spec: str) -> int | None:

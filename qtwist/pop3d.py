@@ -8,8 +8,13 @@ of it.  This one keeps what made it worth a look: commands are answered in
 order, one at a time, while slow work (password hashing, directory scans,
 deletions) runs in worker threads, and RETR/TOP stream from the file.
 
+Logins go through the same cred portal and per-IP failure throttle as SMTP
+AUTH, so vpasswd flags, hashing in worker threads and the lock-out of a
+guessing client work alike for both.
+
 Maildir handling follows the Maildir spec as qmail-pop3d does: at login new/
-moves to cur/ with ``:2,`` info, DELE only marks, QUIT unlinks; unlike
+moves to cur/ with ``:2,`` info, DELE only marks, QUIT unlinks (and flags what
+RETR sent with S, a courtesy to IMAP readers of the same Maildir); unlike
 qmail-pop3d the STAT/LIST sizes are the exact octets sent (CRLF line ends),
 as RFC 1939 asks.
 """
@@ -17,7 +22,6 @@ as RFC 1939 asks.
 from __future__ import annotations
 
 import hashlib
-import hmac
 import inspect
 import os
 import secrets
@@ -26,6 +30,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Callable, Coroutine, Iterator
 
+from twisted.cred.credentials import ICredentials, UsernamePassword
+from twisted.cred.error import UnauthorizedLogin
+from twisted.cred.portal import Portal
 from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.defer import Deferred
 from twisted.internet.error import ConnectionLost
@@ -41,8 +48,9 @@ from twisted.protocols.policies import TimeoutMixin
 from zope.interface import implementer
 
 from qtwist.grants import Grants
+from qtwist.throttle import FailureThrottle
 from qtwist.tls import tls_ready
-from qtwist.users import User, UserDB
+from qtwist.users import APOPCredentials, IMailUser, User
 
 if TYPE_CHECKING:
     from qtwist.control import Settings
@@ -51,7 +59,6 @@ _log = Logger()
 
 IDLE_TIMEOUT = 600  # RFC 1939 §3: at least 10 minutes
 CLOSE_GRACE = 30  # how long a client gets to finish closing before the connection is cut
-FAILED_LOGIN_DELAY = 1.0  # slows password guessing; the reply waits, the reactor does not
 # RFC 2449 allows 255 octets a command; some clients send longer passwords.
 MAX_COMMAND_LENGTH = 1024
 CHUNK_SIZE = 65536
@@ -139,15 +146,22 @@ def top_chunks(chunks: Iterator[bytes], body_lines: int) -> Iterator[bytes]:
 
 
 def dot_stuffed(chunks: Iterator[bytes]) -> Iterator[bytes]:
-    """CRLF text made into a POP3 multi-line body: '.'-led lines doubled, '.' CRLF at the end."""
+    """CRLF text made into a POP3 multi-line body: '.'-led lines doubled, '.' CRLF at the end.
+
+    The end marker rides with the last chunk, so a message of one chunk goes
+    out in one write.
+    """
     at_line_start = True
+    previous = b""
     for chunk in chunks:
         stuffed = chunk.replace(b"\r\n.", b"\r\n..")
         if at_line_start and chunk.startswith(b"."):
             stuffed = b"." + stuffed
         at_line_start = chunk.endswith(b"\r\n")
-        yield stuffed
-    yield b".\r\n"
+        if previous:
+            yield previous
+        previous = stuffed
+    yield previous + b".\r\n"
 
 
 # ---------------------------------------------------------------------------
@@ -163,6 +177,7 @@ class Message:
     uid: str
     size: int | None = None  # measured on first need, then kept for the session
     deleted: bool = False
+    retrieved: bool = False  # a whole RETR: flagged seen at QUIT
 
 
 def unique_id(file_name: str) -> str:
@@ -250,15 +265,26 @@ def _fsync_directory(folder: Path) -> None:
         os.close(descriptor)
 
 
-def remove_messages(maildir: Path, paths: list[Path]) -> int:
-    """Unlink the messages deleted in the session and make that durable; return failures.
+def update_maildrop(maildir: Path, deleted: list[Path], seen: list[Path]) -> int:
+    """QUIT's changes: unlink the deleted messages, durably, and flag the retrieved
+    ones seen; return how many deletions failed.
 
     new/ is synced first: the login's renames out of it must be on disk before
-    the unlinks, or a crash could bring a deleted message back in new/.
+    the unlinks, or a crash could bring a deleted message back in new/.  A
+    lost seen flag harms no one, so the renames get no sync of their own.
     """
+    for path in seen:
+        flagged = path.with_name(with_seen_flag(path.name))
+        if flagged != path:
+            try:
+                os.rename(path, flagged)
+            except OSError:
+                continue  # the flag is a courtesy to other mail readers; the message was sent
+    if not deleted:
+        return 0
     _fsync_directory(maildir / "new")
     failures = 0
-    for path in paths:
+    for path in deleted:
         try:
             os.unlink(path)
         except FileNotFoundError:
@@ -267,16 +293,6 @@ def remove_messages(maildir: Path, paths: list[Path]) -> int:
             failures += 1
     _fsync_directory(maildir / "cur")
     return failures
-
-
-def apop_user(users: UserDB, address: str, timestamp: str, digest: str) -> User | None:
-    """The user when ``digest`` is MD5(timestamp + cleartext password) (RFC 1939 §7)."""
-    user = users.lookup(address)
-    if user is None or not user.cleartext:
-        return None
-    expected = hashlib.md5((timestamp + user.cleartext).encode("utf-8")).hexdigest()
-    given = digest.lower().encode("utf-8", "surrogateescape")
-    return user if hmac.compare_digest(expected.encode("ascii"), given) else None
 
 
 def login_address(login: str) -> str:
@@ -290,6 +306,11 @@ def login_address(login: str) -> str:
 def _printable(text: str) -> str:
     """Client text fit for one log line."""
     return "".join(char if char.isprintable() else "?" for char in text)
+
+
+def _bytes(text: str) -> bytes:
+    """Client text back as the octets it came as (lines are decoded with surrogateescape)."""
+    return text.encode("utf-8", "surrogateescape")
 
 
 # ---------------------------------------------------------------------------
@@ -379,6 +400,7 @@ class POP3Server(LineReceiver, TimeoutMixin):
         self._maildir: Path | None = None
         self._messages: list[Message] = []
         self._client_ip: str | None = None
+        self._settings: Settings | None = None
         self._handlers: dict[str, tuple[tuple[str, ...], Callable[[str], Outcome]]] = {
             "USER": ((AUTHORIZATION,), self.do_USER),
             "PASS": ((AUTHORIZATION,), self.do_PASS),
@@ -404,9 +426,17 @@ class POP3Server(LineReceiver, TimeoutMixin):
             self._client_ip = peer.host
         # True for implicit TLS (pop3s); STLS sets it later.
         self._encrypted = ISSLTransport.providedBy(self.transport)
+        # Replies are lock-step: Nagle's algorithm would hold a reply's last small piece
+        # back until the client's delayed ACK, some 40 ms per command.  (A TLS wrapper
+        # passes the call on to the TCP transport beneath it.)
+        no_delay = getattr(self.transport, "setTcpNoDelay", None)
+        if no_delay is not None:
+            no_delay(True)
         self.setTimeout(self.factory.idle_timeout)
+        # One snapshot per session: a reload never changes the rules halfway through a login.
+        self._settings = self.factory.settings()
         # The APOP timestamp: a msg-id unique to this greeting (RFC 1939 §7).
-        me = self.factory.settings().me
+        me = self._settings.me
         self._timestamp = f"<{os.getpid()}.{secrets.token_hex(8)}.{int(time.time())}@{me}>"
         self._reply(f"+OK {self._timestamp}")
 
@@ -478,7 +508,8 @@ class POP3Server(LineReceiver, TimeoutMixin):
     # -- AUTHORIZATION -------------------------------------------------------------
 
     def _plaintext_allowed(self) -> bool:
-        return self._encrypted or not self.factory.require_tls
+        """USER/PASS send the password itself: where control/pop3requiretls says so, only inside TLS."""
+        return self._encrypted or not self._settings.pop3requiretls
 
     def _tls_available(self) -> bool:
         return (tls_ready(self.factory.tls_options) and not self._encrypted
@@ -527,40 +558,61 @@ class POP3Server(LineReceiver, TimeoutMixin):
             return None
         address = login_address(self._user_name)
         self._user_name = None
-        users = self.factory.users
-        return self._login(address, lambda: users.authenticate(address, argument))
+        return self._login(address, UsernamePassword(_bytes(address), _bytes(argument)))
 
     def do_APOP(self, argument: str) -> Outcome:
-        if not self._plaintext_allowed():
-            self._reply("-ERR [AUTH] use STLS before logging in")
-            return None
+        # Allowed in the clear whatever pop3requiretls says: APOP never sends the password.
         name, _, digest = argument.strip().rpartition(" ")
         if not name or not digest:
             self._reply("-ERR syntax error")
             return None
         address = login_address(name)
-        users, timestamp = self.factory.users, self._timestamp
-        return self._login(address, lambda: apop_user(users, address, timestamp, digest))
+        return self._login(address, APOPCredentials(_bytes(address), _bytes(self._timestamp), _bytes(digest)))
 
-    async def _login(self, address: str, check: Callable[[], User | None]) -> None:
-        """Check credentials off the reactor thread, then grant relaying and open the maildrop."""
+    @property
+    def _throttle_key(self) -> str:
+        # Clients without an IP (a UNIX socket) share one count.
+        return self._client_ip or "local"
+
+    async def _login(self, address: str, credentials: ICredentials) -> None:
+        """Check the credentials through the portal, then grant relaying and open the maildrop.
+
+        A client IP that failed too often is refused before its password is
+        looked at; each failure is answered later than the one before.
+        """
+        throttle = self.factory.throttle
+        if throttle.blocked(self._throttle_key):
+            _log.info("pop3d: login refused for {address} from {ip}: too many failures",
+                      address=_printable(address), ip=self._client_ip)
+            self._reply("-ERR [SYS/TEMP] too many failed logins from your address, try again later")
+            return
         try:
-            user = await deferToThread(check)
+            _, user, _ = await self.factory.portal.login(credentials, None, IMailUser)
+        except UnauthorizedLogin:
+            await self._login_failed(address)
+            return
         except Exception:
             _log.failure("pop3d: checking the password of {address} failed", address=_printable(address))
-            self._reply("-ERR [SYS/TEMP] unable to check the password now, try again later")
+            if not self._gone:
+                self._reply("-ERR [SYS/TEMP] unable to check the password now, try again later")
             return
         if self._gone:
             return
-        if user is None or not user.may_pop:
-            _log.info("pop3d: login failed {address} from {ip}",
-                      address=_printable(address), ip=self._client_ip)
-            await deferLater(self.factory.clock, self.factory.failed_login_delay, lambda: None)
-            if not self._gone:
-                self._reply("-ERR [AUTH] authorization failed")
-            return
+        throttle.succeeded(self._throttle_key)
         _log.info("pop3d: login ok {address} from {ip}", address=user.address, ip=self._client_ip)
-        self._record_grant()
+        if user.may_relay:  # vpopmail's NO_RELAY flag: mail may be read, not relayed (as vchkpw does)
+            self._record_grant()
+        await self._open(user)
+
+    async def _login_failed(self, address: str) -> None:
+        _log.info("pop3d: login failed {address} from {ip}", address=_printable(address), ip=self._client_ip)
+        delay = self.factory.throttle.failed(self._throttle_key)
+        await deferLater(self.factory.clock, delay, lambda: None)
+        if not self._gone:
+            self._reply("-ERR [AUTH] authorization failed")
+
+    async def _open(self, user: User) -> None:
+        """Lock the maildrop for this session and list it: the TRANSACTION state begins."""
         lock_key = str(user.maildir)
         if not self.factory.lock(lock_key):
             self._reply("-ERR [IN-USE] maildrop already locked")
@@ -608,12 +660,13 @@ class POP3Server(LineReceiver, TimeoutMixin):
         """The UPDATE state: only now do DELE marks remove files (RFC 1939 §6)."""
         self._state = UPDATE
         doomed = [message.path for message in self._messages if message.deleted]
+        seen = [message.path for message in self._messages if message.retrieved and not message.deleted]
         failures = 0
         try:
-            if doomed:
-                failures = await deferToThread(remove_messages, self._maildir, doomed)
+            if doomed or seen:
+                failures = await deferToThread(update_maildrop, self._maildir, doomed, seen)
         except OSError:
-            _log.failure("pop3d: removing deleted messages from {maildir} failed",
+            _log.failure("pop3d: updating the maildrop {maildir} at QUIT failed",
                          maildir=str(self._maildir))
             failures = len(doomed)
         finally:
@@ -700,7 +753,7 @@ class POP3Server(LineReceiver, TimeoutMixin):
         return None if found is None else self._send(found[1], int(lines))
 
     async def _send(self, message: Message, body_lines: int | None) -> None:
-        """RETR (``body_lines`` None) or TOP, streamed; a whole RETR marks the message seen."""
+        """RETR (``body_lines`` None) or TOP, streamed; a whole RETR will flag the message seen."""
         try:
             handle = open_message(message.path)
         except OSError:
@@ -717,17 +770,7 @@ class POP3Server(LineReceiver, TimeoutMixin):
             self._gone = True  # connectionLost follows; no further command may run
             return
         if body_lines is None:
-            self._mark_seen(message)
-
-    def _mark_seen(self, message: Message) -> None:
-        seen = message.path.with_name(with_seen_flag(message.path.name))
-        if seen == message.path:
-            return
-        try:
-            os.rename(message.path, seen)
-        except OSError:
-            return  # the flag is a courtesy to other mail readers; the message was sent
-        message.path = seen
+            message.retrieved = True
 
     def do_DELE(self, argument: str) -> None:
         found = self._message(argument)
@@ -743,27 +786,29 @@ class POP3Server(LineReceiver, TimeoutMixin):
 
 
 class POP3Factory(ServerFactory):
-    """Builds POP3 sessions and holds what they share: users, grants, the mailbox locks.
+    """Builds POP3 sessions and holds what they share: the portal, the failure
+    throttle, grants, the mailbox locks.
 
     One factory serves every POP3 listener (``--pop3`` and, wrapped in TLS,
-    ``--pop3s``), so the in-memory lock table covers all sessions.
-    ``tls_options`` and ``require_tls`` are read per session and per
-    command, so a reload may replace them.
+    ``--pop3s``), so the in-memory lock table covers all sessions.  The
+    ``portal`` and ``throttle`` are the ones SMTP AUTH uses, so a client
+    guessing passwords is counted once, whichever protocol it tries.
+    ``settings`` (control/pop3requiretls, me) is read at each new session and
+    ``tls_options`` at each STLS, so a reload applies without a restart.
     """
 
-    def __init__(self, *, users: UserDB, grants: Grants, settings: Callable[[], "Settings"],
-                 tls_options: object | None = None, require_tls: bool = False,
+    def __init__(self, *, portal: Portal, throttle: FailureThrottle, grants: Grants,
+                 settings: Callable[[], "Settings"], tls_options: object | None = None,
                  clock: IReactorTime | None = None) -> None:
         if clock is None:
             from twisted.internet import reactor as clock
-        self.users = users
+        self.portal = portal
+        self.throttle = throttle
         self.grants = grants
         self.settings = settings
         self.tls_options = tls_options
-        self.require_tls = require_tls
         self.clock = clock
         self.idle_timeout: float = IDLE_TIMEOUT
-        self.failed_login_delay: float = FAILED_LOGIN_DELAY
         self._locked: set[str] = set()
 
     def buildProtocol(self, addr: object) -> POP3Server:

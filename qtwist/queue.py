@@ -14,6 +14,7 @@ Layout of ``HOME/queue``::
     seg/NNNNNNNNNNNN   segment logs, named by the first message id they hold
     corrupt/           segment files (or copies) that could not be read cleanly
     rm/                removal requests from ``qtwist queue rm`` while the server runs
+    todo/              messages from ``qtwist sendmail``, waiting for the server to queue them
     flush              touched by ``qtwist queue flush``: retry everything now
     lock               flock-ed by the running server
 
@@ -21,6 +22,10 @@ Each record: ``QTW1`` kind(1) id(u64) length(u32) crc32(u32), then the payload.
 Kinds: ``M`` message (u32 envelope length, envelope JSON, message bytes with LF
 line ends), ``D`` one recipient resolved, ``T`` a deferral (next try),
 ``E`` the message ended (delivered, bounced or removed).
+
+A todo/ file is ``QTWTODO1``, a line of envelope JSON (sender, recipients),
+then the message bytes (LF line ends); it appears under its name only once it
+is whole and fsynced, so any file found there is complete.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ import json
 import mmap
 import os
 import queue as threadqueue
+import secrets
 import shutil
 import struct
 import threading
@@ -277,7 +283,7 @@ def _move_aside(queue_dir: Path, path: Path, problems: list[str], why: str) -> N
     corrupt.mkdir(exist_ok=True)
     target = corrupt / f"{path.name}.{int(time.time())}"
     os.replace(path, target)
-    problems.append(f"queue/seg/{path.name}: {why}; moved to queue/corrupt/{target.name}")
+    problems.append(f"queue/{path.parent.name}/{path.name}: {why}; moved to queue/corrupt/{target.name}")
 
 
 def _fsync_dir(path: Path) -> None:
@@ -294,11 +300,15 @@ def _fsync_dir(path: Path) -> None:
 class _Write:
     """One record for the writer.  ``segment`` None means: the active segment
     (a new message, ``message``); the writer fills in where it went.
-    ``ending`` is the message an E record ends."""
+    ``ending`` is the message an E record ends.  A ``durable`` record is
+    fdatasynced before its Deferred fires; the others (results, retry times,
+    ends) reach the disk with the next fdatasync of their file or at close:
+    losing them in a crash repeats a delivery, never loses a message."""
 
     data: bytes
     segment: Segment | None
     deferred: Deferred | None = None
+    durable: bool = True
     message: QueuedMessage | None = None
     body_offset: int = 0
     ending: QueuedMessage | None = None
@@ -318,6 +328,7 @@ class _Writer(threading.Thread):
         self.committed = committed
         self.inbox: threadqueue.SimpleQueue = threadqueue.SimpleQueue()
         self.active: Segment | None = None
+        self.unsynced: set[Segment] = set()
 
     def submit(self, item: _Write | Segment | None) -> None:
         """A record to write, a finished segment to remove, or None to stop."""
@@ -340,13 +351,24 @@ class _Writer(threading.Thread):
             if writes:
                 self.reactor.callFromThread(self.committed, writes, sealed)
             if stopping:
+                self._sync_the_rest()
                 if self.active is not None and self.active.fd is not None:
                     os.close(self.active.fd)
                     self.active.fd = None
                 return
 
-    @staticmethod
-    def _unlink(segment: Segment) -> None:
+    def _sync_the_rest(self) -> None:
+        """At close: what was written without fdatasync goes to disk now."""
+        for segment in self.unsynced:
+            if segment.fd is not None:
+                try:
+                    os.fdatasync(segment.fd)
+                except OSError as error:
+                    log.error("queue: cannot sync {path}: {why}", path=str(segment.path), why=error.strerror)
+        self.unsynced.clear()
+
+    def _unlink(self, segment: Segment) -> None:
+        self.unsynced.discard(segment)
         segment.close()
         try:
             os.unlink(segment.path)
@@ -367,6 +389,7 @@ class _Writer(threading.Thread):
     def _write_batch(self, writes: list[_Write]) -> list[Segment]:
         """Group by file, one write per file, then one fdatasync per file."""
         chunks: dict[Segment, list[bytes]] = {}
+        durable: set[Segment] = set()
         sealed: list[Segment] = []
         created = False
         for write in writes:
@@ -382,11 +405,17 @@ class _Writer(threading.Thread):
             write.offset = segment.size
             segment.size += len(write.data)
             chunks.setdefault(segment, []).append(write.data)
+            if write.durable:
+                durable.add(segment)
         for segment, parts in chunks.items():
             start = segment.size - sum(map(len, parts))
             try:
                 os.write(segment.fd, b"".join(parts))
-                os.fdatasync(segment.fd)
+                if segment in durable:
+                    os.fdatasync(segment.fd)
+                    self.unsynced.discard(segment)
+                else:
+                    self.unsynced.add(segment)
             except OSError as error:
                 self._rollback(segment, start, writes, error)
         if created:
@@ -430,6 +459,7 @@ class Queue:
         messages that still need work."""
         for sub in ("seg", "rm"):
             (self.dir / sub).mkdir(parents=True, exist_ok=True)
+        make_todo_dir(self.dir / "todo")
         self._lock_fd = _take_lock(self.dir)
         if self._lock_fd is None:
             raise QueueError(f"{self.dir} is in use by another qtwist server")
@@ -491,17 +521,20 @@ class Queue:
 
     def record_result(self, message: QueuedMessage, index: int) -> None:
         """Note a recipient's final state (delivered or failed) in the log."""
-        self._submit(_Write(result_record(message.id, index, message.recipients[index]), message.segment))
+        self._submit(_Write(result_record(message.id, index, message.recipients[index]), message.segment,
+                            durable=False))
 
     def record_deferral(self, message: QueuedMessage, index: int) -> None:
         recipient = message.recipients[index]
         self._submit(_Write(deferral_record(message.id, index, recipient.next_try, recipient.text),
-                            message.segment))
+                            message.segment, durable=False))
 
     def end(self, message: QueuedMessage, why: str) -> Deferred:
-        """The message is done with (delivered, bounced or removed)."""
+        """The message is done with (delivered, bounced or removed); an admin's
+        removal is made durable at once."""
         deferred = Deferred()
-        self._submit(_Write(end_record(message.id, why), message.segment, deferred, ending=message))
+        self._submit(_Write(end_record(message.id, why), message.segment, deferred, ending=message,
+                            durable=why == "removed"))
         return deferred
 
     def _submit(self, item: _Write) -> None:
@@ -553,11 +586,15 @@ def _take_lock(queue_dir: Path) -> int | None:
 # -- what the qtwist command uses -------------------------------------------
 
 def queue_stat(home: Path) -> tuple[int, int]:
-    """(messages in queue, not yet preprocessed).  Every accepted message is
-    preprocessed at once here, so the second number counts removal requests
-    still waiting for the server."""
+    """(messages in queue, not yet preprocessed).  A message accepted by SMTP
+    is preprocessed at once, so the second number counts what ``qtwist
+    sendmail`` left in todo/ and the server has not taken yet."""
     result = scan(home / "queue")
-    return len(result.messages), 0
+    try:
+        waiting = sum(1 for name in os.listdir(home / "queue" / "todo") if not name.startswith("."))
+    except FileNotFoundError:
+        waiting = 0
+    return len(result.messages), waiting
 
 
 def queue_read(home: Path) -> list[QueuedMessage]:
@@ -660,3 +697,147 @@ def take_flush_request(queue_dir: Path) -> bool:
     except FileNotFoundError:
         return False
     return True
+
+
+# -- the pickup directory: messages from ``qtwist sendmail`` -----------------------
+
+TODO_MAGIC = b"QTWTODO1\n"
+# setgid and sticky, writable by owner and group: the group's members may
+# inject, their files get the directory's group so the server can read them,
+# and nobody but the owner removes another's file.
+TODO_DIR_MODE = 0o3770
+TODO_FILE_MODE = 0o640
+# The most the server takes in one go, so a flood of injections never holds
+# a lot of memory at once; the rest follows at once after.
+TODO_BATCH_FILES = 256
+TODO_BATCH_BYTES = 32 * 1024 * 1024
+# An unfinished file (its writer died) older than this is removed, as
+# qmail-clean removes old temporary files.
+TODO_SCRATCH_LIFETIME = 36 * 3600
+
+
+@dataclass(eq=False)
+class TodoMessage:
+    """A message waiting in todo/; ``uid`` owns the file, so it says who
+    injected it in a way the injecting user cannot forge."""
+
+    path: Path
+    uid: int
+    sender: str
+    recipients: list[str]
+    body: bytes
+
+
+@dataclass
+class TodoBatch:
+    messages: list[TodoMessage]
+    problems: list[str]
+    more: bool  # files were left for the next batch
+
+
+def make_todo_dir(todo: Path) -> None:
+    """todo/ with TODO_DIR_MODE when it does not exist yet; an existing one
+    keeps the mode the admin gave it."""
+    todo.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        todo.mkdir()
+    except FileExistsError:
+        return
+    os.chmod(todo, TODO_DIR_MODE)
+
+
+def drop_todo(home: Path, sender: str, recipients: list[str], body: bytes) -> Path:
+    """Leave a message for the server in queue/todo/ and return its path once
+    it is durable: written under a dot name, fsynced, renamed into place, and
+    the directory fsynced."""
+    todo = home / "queue" / "todo"
+    make_todo_dir(todo)
+    envelope = json.dumps({"sender": sender, "rcpt": recipients}, separators=(",", ":")).encode()
+    name = f"{time.time_ns()}.{os.getpid()}.{secrets.token_hex(4)}"
+    scratch, final = todo / f".{name}", todo / name
+    fd = os.open(scratch, os.O_WRONLY | os.O_CREAT | os.O_EXCL, TODO_FILE_MODE)
+    try:
+        os.fchmod(fd, TODO_FILE_MODE)  # whatever the umask: the server must read it
+        with os.fdopen(fd, "wb", closefd=False) as handle:
+            handle.write(TODO_MAGIC + envelope + b"\n" + body)
+        os.fsync(fd)
+        os.rename(scratch, final)
+    except BaseException:
+        scratch.unlink(missing_ok=True)
+        raise
+    finally:
+        os.close(fd)
+    _fsync_dir(todo)
+    return final
+
+
+def parse_todo(data: bytes) -> tuple[str, list[str], bytes]:
+    """(sender, recipients, message) of a todo/ file; ValueError if it is not one."""
+    if not data.startswith(TODO_MAGIC):
+        raise ValueError("not a qtwist sendmail file")
+    line_end = data.find(b"\n", len(TODO_MAGIC))
+    if line_end < 0:
+        raise ValueError("no envelope line")
+    envelope = json.loads(data[len(TODO_MAGIC):line_end])
+    sender = envelope.get("sender") if isinstance(envelope, dict) else None
+    recipients = envelope.get("rcpt") if isinstance(envelope, dict) else None
+    if (not isinstance(sender, str) or not isinstance(recipients, list) or not recipients
+            or not all(isinstance(r, str) and r for r in recipients)):
+        raise ValueError("the envelope needs a sender and at least one recipient")
+    return sender, recipients, data[line_end + 1:]
+
+
+def take_todo(queue_dir: Path) -> TodoBatch:
+    """For the server, in a worker thread: the oldest waiting messages, at most
+    a batch.  A file that cannot be read or parsed is moved to corrupt/ (and
+    named in ``problems``); the caller removes the others once queued."""
+    todo = queue_dir / "todo"
+    try:
+        names = sorted(os.listdir(todo))
+    except FileNotFoundError:
+        return TodoBatch([], [], False)
+    batch = TodoBatch([], [], False)
+    size = 0
+    for name in names:
+        path = todo / name
+        if name.startswith("."):
+            _remove_stale_scratch(path, batch.problems)
+            continue
+        if len(batch.messages) >= TODO_BATCH_FILES or size >= TODO_BATCH_BYTES:
+            batch.more = True
+            break
+        try:
+            with open(path, "rb") as handle:
+                uid = os.fstat(handle.fileno()).st_uid
+                data = handle.read()
+            sender, recipients, body = parse_todo(data)
+        except FileNotFoundError:
+            continue
+        except (OSError, ValueError) as error:
+            why = error.strerror if isinstance(error, OSError) and error.strerror else str(error)
+            try:
+                _move_aside(queue_dir, path, batch.problems, f"cannot be queued ({why})")
+            except OSError as moving:
+                batch.problems.append(f"queue/todo/{name}: cannot be queued ({why}) nor moved aside "
+                                      f"({moving.strerror})")
+            continue
+        batch.messages.append(TodoMessage(path, uid, sender, recipients, body))
+        size += len(body)
+    return batch
+
+
+def _remove_stale_scratch(path: Path, problems: list[str]) -> None:
+    try:
+        if path.stat().st_mtime < time.time() - TODO_SCRATCH_LIFETIME:
+            path.unlink()
+            problems.append(f"queue/todo/{path.name}: an unfinished file from a sendmail that died; removed")
+    except FileNotFoundError:
+        pass
+
+
+def remove_todo(queue_dir: Path, paths: list[Path]) -> None:
+    """For the server, in a worker thread: these are queued now; forget them."""
+    for path in paths:
+        path.unlink(missing_ok=True)
+    if paths:
+        _fsync_dir(queue_dir / "todo")

@@ -36,6 +36,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from qtwist.delivery import Kind, Outcome
+from qtwist.resolver import Lookups
 
 if TYPE_CHECKING:
     from qtwist.control import Settings
@@ -545,12 +546,16 @@ class _Transaction:
             return _by_code(greeting.code), f"Connected to {ip} but greeting failed.\n{greeting.said()}"
         extensions = await self._ehlo()
         if extensions is not None and "STARTTLS" in extensions and self._tls is not None:
-            if (await self._command("STARTTLS")).code == 220:
-                try:
-                    await self._conn.start_tls(self._tls)
-                except ConnectionDied as died:
-                    return "deferral", f"TLS connect failed: {died}; connected to {ip}."
-                extensions = await self._ehlo()
+            # A host that offers TLS gets the message encrypted or not at all: a
+            # refused STARTTLS or a failed handshake defers, never goes on in plaintext.
+            reply = await self._command("STARTTLS")
+            if reply.code != 220:
+                return "deferral", f"TLS connect failed: STARTTLS was refused; connected to {ip}.\n{reply.said()}"
+            try:
+                await self._conn.start_tls(self._tls)
+            except ConnectionDied as died:
+                return "deferral", f"TLS connect failed: {died}; connected to {ip}."
+            extensions = await self._ehlo()
         if extensions is None:
             helo = await self._command(f"HELO {self._helohost}")
             if helo.code // 100 != 2:
@@ -608,26 +613,25 @@ def opportunistic_tls() -> CertificateOptions:
 class RemoteDelivery:
     """qmail-remote for the whole process: ``deliver`` once per (message, domain).
 
-    ``reactor`` must offer TCP, time and a thread pool (DNS look-ups and
-    ``local_addresses`` run in that pool, never on the reactor thread).
+    ``reactor`` must offer TCP, time and a thread pool (DNS look-ups through
+    ``lookups`` and ``local_addresses`` run in that pool, never on the reactor
+    thread).
     ``tls_context_factory`` (e.g. :func:`opportunistic_tls`) enables STARTTLS."""
 
     def __init__(
         self,
         reactor: Any,
         *,
-        nameserver: tuple[str, int] | None,
+        lookups: Lookups,
         remote_port: int = 25,
         local_addresses: Callable[[], set[str]] | None = None,
         tls_context_factory: object | None = None,
-        dns_lifetime: float = 30.0,
     ) -> None:
         self._reactor = reactor
-        self._nameserver = nameserver
+        self._lookups = lookups
         self._remote_port = remote_port
         self._local_addresses = local_addresses or this_host_addresses
         self._tls = tls_context_factory
-        self._dns_lifetime = dns_lifetime
         self._timeouts = ConnectTimeouts(reactor)
 
     def deliver(
@@ -671,17 +675,6 @@ class RemoteDelivery:
         )
         return await transaction.run()
 
-    def _make_resolver(self) -> dns.resolver.Resolver:
-        """A fresh resolver per look-up, so /etc/resolv.conf edits take effect."""
-        if self._nameserver is None:
-            resolver = dns.resolver.Resolver()
-        else:
-            resolver = dns.resolver.Resolver(configure=False)
-            resolver.nameservers = [self._nameserver[0]]
-            resolver.port = self._nameserver[1]
-        resolver.lifetime = self._dns_lifetime
-        return resolver
-
     async def _route(self, settings: Settings, domain: str) -> tuple[list[str], int]:
         route = settings.route_for(domain)
         if route is not None and route.host:
@@ -690,7 +683,7 @@ class RemoteDelivery:
             name, use_mx, port = domain, True, self._remote_port
         addresses = await threads.deferToThreadPool(
             self._reactor, self._reactor.getThreadPool(),
-            _plan, self._make_resolver, name, use_mx, self._local_addresses,
+            _plan, self._lookups.resolver, name, use_mx, self._local_addresses,
         )
         return addresses, port
 

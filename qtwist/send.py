@@ -5,7 +5,9 @@ its retry time (one heap for both channels), so each event costs O(log n)
 whatever the size of the queue.  Local deliveries run in a thread pool sized
 by concurrencylocal (they write and fsync Maildir files); remote ones run on
 the reactor, all recipients of one domain in one SMTP transaction, at most
-concurrencyremote at once.
+concurrencyremote at once.  Messages ``qtwist sendmail`` left in queue/todo/
+are queued once a second (and at start), with the reading done off the
+reactor thread.
 """
 
 from __future__ import annotations
@@ -30,9 +32,11 @@ from twisted.python.threadpool import ThreadPool
 from qtwist import bounce, local
 from qtwist.control import Settings
 from qtwist.delivery import Outcome
+from qtwist.hooks import Hooks, Outbound, PluginContext
+from qtwist.inject import received_header
 from qtwist.policy import channel_for, split_address
-from qtwist.queue import BOUNCED, DELIVERED, FAILED, PENDING, Queue, QueuedMessage, take_flush_request, \
-    take_removal_requests
+from qtwist.queue import BOUNCED, DELIVERED, FAILED, PENDING, Queue, QueuedMessage, remove_todo, \
+    take_flush_request, take_removal_requests, take_todo
 
 log = Logger(namespace="qtwist.send")
 
@@ -100,8 +104,10 @@ class Scheduler(Service):
     """Delivers what the queue holds; the SMTP server hands it new messages."""
 
     def __init__(self, home: Path, queue: Queue, settings: Callable[[], Settings], users, remote,
-                 reactor):
+                 reactor, hooks: Hooks | None = None, plugin_context: PluginContext | None = None):
         self.home = home
+        self.hooks = hooks
+        self.plugin_context = plugin_context
         self.queue = queue
         self.settings = settings
         self.users = users
@@ -114,6 +120,7 @@ class Scheduler(Service):
         self._deliveries = itertools.count(1)
         self._timer = None
         self._poller = None
+        self._pickup: Deferred | None = None
         self._cached_bytes = 0
         self._removed: set[int] = set()
         self._running_deliveries: set[Deferred] = set()
@@ -135,6 +142,7 @@ class Scheduler(Service):
         self._poller = LoopingCall(self._poll_requests)
         self._poller.clock = self.reactor
         self._poller.start(POLL_INTERVAL, now=False)
+        self._pick_up()
         self._pump()
 
     def stopService(self) -> Deferred:
@@ -149,6 +157,9 @@ class Scheduler(Service):
         return ensureDeferred(self._stop())
 
     async def _stop(self) -> None:
+        if self._pickup is not None:
+            # Messages it is queueing must leave todo/, or the next start queues them again.
+            await self._pickup
         if self._running_deliveries:
             self.log(f"stopping: waiting for {len(self._running_deliveries)} deliveries in progress")
             waiting = DeferredList(list(self._running_deliveries), consumeErrors=True)
@@ -166,10 +177,10 @@ class Scheduler(Service):
 
     # -- entry points ---------------------------------------------------------
 
-    def submit(self, message: QueuedMessage) -> None:
-        """A freshly queued message (already durable)."""
+    def submit(self, message: QueuedMessage, uid: int = 0) -> None:
+        """A freshly queued message (already durable); ``uid`` injected it locally."""
         self.log(f"new msg {message.id}")
-        self.log(f"info msg {message.id}: bytes {message.size} from <{message.sender}> qp {message.id} uid 0")
+        self.log(f"info msg {message.id}: bytes {message.size} from <{message.sender}> qp {message.id} uid {uid}")
         if message.body is not None:
             if self._cached_bytes + message.size > BODY_CACHE_LIMIT:
                 message.body = None
@@ -245,6 +256,48 @@ class Scheduler(Service):
         if take_flush_request(self.queue.dir):
             self.log("flush: retrying every deferred delivery now")
             self.flush()
+        self._pick_up()
+
+    # -- messages from qtwist sendmail ------------------------------------------------
+
+    def _pick_up(self) -> None:
+        """Queue what ``qtwist sendmail`` left in todo/, one batch at a time."""
+        if self._pickup is None and self.running:
+            self._pickup = ensureDeferred(self._take_todo())
+            self._pickup.addErrback(lambda failure: log.failure("sendmail pickup failed", failure))
+            self._pickup.addBoth(self._pickup_ended)
+
+    def _pickup_ended(self, again: bool | None) -> None:
+        self._pickup = None
+        if again:
+            self._pick_up()
+
+    async def _take_todo(self) -> bool:
+        """qmail-queue's work for injected messages: each todo/ file is removed
+        only once its message is durable in the queue, then it is delivered.
+        True when a full batch went well and more files wait."""
+        batch = await deferToThread(take_todo, self.queue.dir)
+        for problem in batch.problems:
+            log.warn("queue: {problem}", problem=problem)
+        if not batch.messages:
+            return False
+        settings, now = self.settings(), time.time()
+        accepting = [self.queue.accept(todo.sender,
+                                       [(address, channel_for(address, settings)) for address in todo.recipients],
+                                       received_header(todo.uid, now) + todo.body)
+                     for todo in batch.messages]
+        results = await DeferredList(accepting, consumeErrors=True)
+        queued = []
+        for todo, (ok, result) in zip(batch.messages, results):
+            if ok:
+                queued.append((todo, result))
+            else:
+                log.error("queue: could not queue queue/todo/{name}: {why}; it stays for the next try",
+                          name=todo.path.name, why=result.getErrorMessage())
+        await deferToThread(remove_todo, self.queue.dir, [todo.path for todo, _ in queued])
+        for todo, message in queued:
+            self.submit(message, uid=todo.uid)
+        return batch.more and len(queued) == len(batch.messages)
 
     # -- running deliveries -------------------------------------------------------
 
@@ -307,6 +360,14 @@ class Scheduler(Service):
             return [outcome]
         body = message.body if message.body is not None else await deferToThread(message.read_body)
         recipients = [message.recipients[i].address for i in job.indexes]
+        chain = self.hooks.chain(settings, "outbound") if self.hooks is not None else []
+        if chain:
+            outbound = Outbound(message.sender, job.domain, tuple(recipients), settings, self.plugin_context)
+            answer = await self.hooks.ask(chain, "outbound", outbound, body)
+            if answer.kind in ("reject", "defer", "disconnect"):
+                refused = Outcome.failure if answer.kind == "reject" else Outcome.deferral
+                return [refused(f"A plugin refused the message: {answer.reply}") for _ in recipients]
+            body = "".join(f"{header}\n" for header in answer.headers).encode("utf-8", "replace") + body
         return await self.remote.deliver(settings, job.domain, message.sender, recipients, body)
 
     def _deliver_local(self, message: QueuedMessage, recipient: str, settings: Settings) -> Outcome:

@@ -18,9 +18,11 @@ from twisted.python import usage
 
 from qtwist.control import ControlWatcher
 from qtwist.grants import Grants, GrantsCleaner
+from qtwist.hooks import Hooks, PluginContext, installed_plugins
 from qtwist.pop3d import POP3Factory
 from qtwist.queue import Queue
 from qtwist.remote import RemoteDelivery, opportunistic_tls
+from qtwist.resolver import Lookups
 from qtwist.send import Scheduler
 from qtwist.smtpd import SMTPFactory
 from qtwist.tls import ImplicitTLSFactory, ServerTLS, make_self_signed
@@ -114,9 +116,13 @@ def makeService(options: Options) -> MultiService:
     queue = Queue(home, reactor)
     if not queue.free():
         raise SystemExit(f"qtwist: {home / 'queue'} is in use by another qtwist server")
-    remote = RemoteDelivery(reactor, nameserver=options["nameserver"], remote_port=options["remote-port"],
+    lookups = Lookups(reactor, options["nameserver"])
+    remote = RemoteDelivery(reactor, lookups=lookups, remote_port=options["remote-port"],
                             tls_context_factory=opportunistic_tls())
-    scheduler = Scheduler(home, queue, lambda: control.settings, users, remote, reactor)
+    hooks = Hooks(installed_plugins(), reactor)
+    plugin_context = PluginContext(home, users, lookups, reactor)
+    scheduler = Scheduler(home, queue, lambda: control.settings, users, remote, reactor,
+                          hooks=hooks, plugin_context=plugin_context)
     scheduler.setServiceParent(top)
 
     certificate = home / "control" / "servercert.pem"
@@ -136,10 +142,12 @@ def makeService(options: Options) -> MultiService:
     def smtp_factory(submission: bool) -> SMTPFactory:
         return SMTPFactory(settings=lambda: control.settings, rules=lambda: control.rules, queue=queue,
                            queued=scheduler.submit, clock=reactor, grants=grants, submission=submission,
-                           tls=server_tls, portal=smtp_portal, throttle=throttle)
+                           tls=server_tls, portal=smtp_portal, throttle=throttle, hooks=hooks,
+                           plugin_context=plugin_context)
 
     submission = smtp_factory(submission=True)
-    pop3 = POP3Factory(users=users, grants=grants, settings=lambda: control.settings, tls_options=server_tls)
+    pop3 = POP3Factory(portal=mail_portal(users, "pop3"), throttle=throttle, grants=grants,
+                       settings=lambda: control.settings, tls_options=server_tls, clock=reactor)
     factories = {"smtp": smtp_factory(submission=False), "submission": submission, "pop3": pop3,
                  # Port 465 is submission with TLS from the first byte (RFC 8314).
                  "smtps": ImplicitTLSFactory(server_tls, submission, "smtps"),

@@ -29,6 +29,7 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from qtwist.control import Settings
+from qtwist.hooks import Answer, Hooks, PluginContext, Session
 from qtwist.policy import (ClientInfo, bad_mail_from, bad_rcpt_to, channel_for, rcpt_allowed,
                            with_default_host)
 from qtwist.tls import tls_ready
@@ -159,6 +160,7 @@ class SMTPServer(Protocol):
         self.auth_step: Callable[[str], object] | None = None
         self.busy = False
         self.reading_stopped: set[str] = set()
+        self.notes: dict[str, object] = {}
         self.out: list[bytes] = []
         self.last_activity = 0.0
         self.timer = None
@@ -184,7 +186,13 @@ class SMTPServer(Protocol):
             self.databytes = int(rule.env["DATABYTES"])
         self.last_activity = self.factory.clock.seconds()
         self.timer = self.factory.clock.callLater(self.settings.timeoutsmtpd, self._check_timeout)
-        self.transport.write(f"220 {self.settings.smtpgreeting} ESMTP\r\n".encode("latin-1", "replace"))
+        greeting = f"220 {self.settings.smtpgreeting} ESMTP\r\n".encode("latin-1", "replace")
+        chain = self._hooks("connect")
+        if chain:
+            self.out.append(greeting)
+            self._wait_for(self._ask(chain, "connect", (), lambda answer: None, greeting=True))
+        else:
+            self.transport.write(greeting)
 
     def connectionLost(self, reason=None) -> None:
         if self.timer is not None and self.timer.active():
@@ -321,6 +329,40 @@ class SMTPServer(Protocol):
 
     # -- commands -----------------------------------------------------------------
 
+    # -- plugins (qtwist.hooks) ---------------------------------------------------
+
+    def _hooks(self, hook: str) -> list:
+        """The enabled plugins answering ``hook``; empty (and free) without plugins."""
+        hooks = self.factory.hooks
+        return hooks.chain(self.settings, hook) if hooks is not None else []
+
+    def _hook_session(self) -> Session:
+        return Session(self.client, self.settings, self.factory.plugin_context, self.encrypted, self.helo,
+                       self.sender, [address for address, _ in self.recipients], self.notes)
+
+    def _ask(self, chain: list, hook: str, arguments: tuple, go_on: Callable[[Answer], object],
+             greeting: bool = False, session: Session | None = None) -> Deferred:
+        """Ask the plugins, then either ``go_on`` with their answer (continue or
+        accept) or give their reply; "disconnect" also hangs up.  At connect,
+        a refusal replaces the greeting (kept in ``out`` until then)."""
+        async def asking():
+            answer = await self.factory.hooks.ask(chain, hook, session or self._hook_session(), *arguments)
+            if self.transport is None:
+                return None
+            if answer.kind in ("continue", "accept"):
+                result = go_on(answer)
+                return (await result) if isinstance(result, Deferred) else result
+            log.info("smtpd: plugin answer to {hook} from {ip}: {reply}", hook=hook, ip=self.client.ip,
+                     reply=answer.reply)
+            if greeting:
+                self.out.clear()
+            self.out.append(f"{answer.reply}\r\n".encode("latin-1", "replace"))
+            if greeting or answer.kind == "disconnect":
+                self._flush()
+                self._close()
+            return None
+        return Deferred.fromCoroutine(asking())
+
     def _command(self, line: str):
         verb, _, argument = line.partition(" ")
         handler = self.COMMANDS.get(verb.upper())
@@ -330,13 +372,26 @@ class SMTPServer(Protocol):
         return handler(self, argument)
 
     def smtp_helo(self, argument: str):
-        self.helo, self.protocol_name = argument.strip(), "SMTP"
-        self._reset()
-        self.out.append(f"250 {self.settings.me}\r\n".encode("latin-1", "replace"))
+        return self._greeted(argument.strip(), "SMTP", self._helo_reply)
 
     def smtp_ehlo(self, argument: str):
-        self.helo, self.protocol_name = argument.strip(), "ESMTP"
-        self._reset()
+        return self._greeted(argument.strip(), "ESMTP", self._ehlo_reply)
+
+    def _greeted(self, name: str, protocol: str, reply: Callable[[], None]):
+        def accepted() -> None:
+            self.helo, self.protocol_name = name, protocol
+            self._reset()
+            reply()
+        chain = self._hooks("helo")
+        if chain:
+            return self._ask(chain, "helo", (name,), lambda answer: accepted())
+        accepted()
+        return None
+
+    def _helo_reply(self) -> None:
+        self.out.append(f"250 {self.settings.me}\r\n".encode("latin-1", "replace"))
+
+    def _ehlo_reply(self) -> None:
         lines = [self.settings.me, "PIPELINING", "8BITMIME"]
         if self._starttls_possible():
             lines.append("STARTTLS")
@@ -369,10 +424,16 @@ class SMTPServer(Protocol):
                 and sender.lower() != self.auth_user.address.lower()):
             self.out.append(b"553 sorry, that sender address is not yours (#5.7.1)\r\n")
             return
-        self._reset()
-        self.sender = sender
-        self.sender_bad = bad_mail_from(self.sender, self.settings)
-        self.out.append(b"250 ok\r\n")
+        def accepted() -> None:
+            self._reset()
+            self.sender = sender
+            self.sender_bad = bad_mail_from(sender, self.settings)
+            self.out.append(b"250 ok\r\n")
+        chain = self._hooks("mail")
+        if chain and not bad_mail_from(sender, self.settings):
+            return self._ask(chain, "mail", (sender,), lambda answer: accepted())
+        accepted()
+        return None
 
     def smtp_rcpt(self, argument: str):
         if self.sender is None:
@@ -401,8 +462,15 @@ class SMTPServer(Protocol):
             self.out.append(b"452 too many recipients (#4.5.3)\r\n")
             return
         address = with_default_host(address, self.settings)
-        self.recipients.append((address, channel_for(address, self.settings)))
-        self.out.append(b"250 ok\r\n")
+
+        def accepted() -> None:
+            self.recipients.append((address, channel_for(address, self.settings)))
+            self.out.append(b"250 ok\r\n")
+        chain = self._hooks("rcpt")
+        if chain:
+            return self._ask(chain, "rcpt", (address,), lambda answer: accepted())
+        accepted()
+        return None
 
     def smtp_data(self, argument: str):
         if self.sender is None:
@@ -449,13 +517,20 @@ class SMTPServer(Protocol):
         if not self._starttls_possible():
             self.out.append(b"454 TLS not available (#4.3.0)\r\n")
             return
+        if argument.strip():
+            self.out.append(b"501 Syntax error (no parameters allowed) (#5.5.4)\r\n")
+            return
         self.out.append(b"220 ready for tls\r\n")
         self._flush()
         # Whatever the client pipelined after STARTTLS came in the clear: never act on it.
         self._take_buffer()
         self.transport.startTLS(self.factory.tls)
         self.encrypted = True
+        # RFC 3207 §4.2: forget all the client said in the clear (its EHLO, a
+        # mail transaction, an AUTH a man in the middle could have made).
         self.helo, self.protocol_name = "", "ESMTP"
+        self.auth_user = None
+        self.client.authenticated, self.client.auth_relay = None, False
         self._reset()
 
     def _cipher(self) -> str:
@@ -678,11 +753,22 @@ class SMTPServer(Protocol):
         if too_many_hops(message):
             self.out.append(REPLY_LOOPING)
             return None
+        chain = self._hooks("data")
+        if chain:
+            # The data hook sees the transaction as it was; headers it adds go on top.
+            session = self._hook_session()
+            session.sender, session.recipients = sender, [address for address, _ in recipients]
+            return self._ask(chain, "data", (message,), lambda answer: self._queue(
+                sender, recipients, message, "".join(f"{h}\n" for h in answer.headers).encode("utf-8", "replace")),
+                session=session)
+        return self._queue(sender, recipients, message)
+
+    def _queue(self, sender: str, recipients: list, message: bytes, added: bytes = b"") -> Deferred:
         now = time.time()
         protocol = self.protocol_name + ("S" if self.encrypted else "") + ("A" if self.auth_user else "")
         user = self.auth_user.address if self.auth_user is not None else ""
-        message = received_header(self.helo, self.client.ip, self.settings.me, protocol, now,
-                                  self._cipher(), user) + message
+        message = added + received_header(self.helo, self.client.ip, self.settings.me, protocol, now,
+                                          self._cipher(), user) + message
         accepted = self.factory.queue.accept(sender, recipients, message)
         accepted.addCallbacks(self._queued, self._queue_failed)
         return accepted
@@ -691,6 +777,9 @@ class SMTPServer(Protocol):
         self.out.append(f"250 ok {int(queued.born)} qp {queued.id}\r\n".encode())
         self._flush()
         self.factory.queued(queued)
+        chain = self._hooks("queued")
+        if chain:
+            Deferred.fromCoroutine(self.factory.hooks.ask(chain, "queued", self._hook_session(), queued))
 
     def _queue_failed(self, failure) -> None:
         log.error("smtpd: could not queue a message from {ip}: {why}", ip=self.client.ip,
@@ -705,7 +794,10 @@ class SMTPFactory(Factory):
     protocol = SMTPServer
 
     def __init__(self, *, settings: Callable[[], Settings], rules, queue, queued: Callable,
-                 clock, grants=None, submission: bool = False, tls=None, portal=None, throttle=None):
+                 clock, grants=None, submission: bool = False, tls=None, portal=None, throttle=None,
+                 hooks: Hooks | None = None, plugin_context: PluginContext | None = None):
+        self.hooks = hooks
+        self.plugin_context = plugin_context
         self.submission = submission
         self.tls = tls
         self.portal = portal

@@ -14,15 +14,20 @@ from pathlib import Path
 from typing import Callable
 
 from OpenSSL import SSL
-from twisted.internet.interfaces import IOpenSSLServerConnectionCreator
+from twisted.internet.interfaces import IHandshakeListener, IOpenSSLServerConnectionCreator, ISSLTransport
+from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
+from twisted.protocols.policies import ProtocolWrapper, TimeoutMixin, WrappingFactory
 from twisted.protocols.tls import TLSMemoryBIOFactory
-from zope.interface import implementer
+from zope.interface import directlyProvides, implementer, providedBy
 
 log = Logger(namespace="qtwist.tls")
 
 # TLS 1.2 ciphers with forward secrecy and AEAD only; TLS 1.3 keeps OpenSSL's defaults.
 CIPHERS = b"ECDHE+AESGCM:ECDHE+CHACHA20:DHE+AESGCM:DHE+CHACHA20:!aNULL:!eNULL:!MD5:!DSS"
+# How long an implicit-TLS client (SMTPS, POP3S) may take to finish its
+# handshake: a few round trips, not the minutes a command may take.
+HANDSHAKE_TIMEOUT = 60
 
 
 @implementer(IOpenSSLServerConnectionCreator)
@@ -97,12 +102,48 @@ def tls_ready(options: object | None) -> bool:
     return options is not None and (not isinstance(options, ServerTLS) or options.available())
 
 
+@implementer(IHandshakeListener)
+class _AfterHandshake(ProtocolWrapper, TimeoutMixin):
+    """Connects the wrapped protocol only once the TLS handshake is done.
+
+    SMTP and POP3 servers speak first.  A greeting written before the
+    handshake is buffered by the TLS layer, which then pauses its producer;
+    for a server that pauses by no longer reading, that would stop the
+    handshake itself.  The protocol is also told it is encrypted
+    (ISSLTransport), as startTLS tells a STARTTLS session.
+    """
+
+    timeOut = HANDSHAKE_TIMEOUT
+
+    def makeConnection(self, transport) -> None:
+        directlyProvides(self, providedBy(transport), ISSLTransport)
+        Protocol.makeConnection(self, transport)
+        self.factory.registerProtocol(self)
+        self.setTimeout(self.timeOut)
+
+    def handshakeCompleted(self) -> None:
+        self.setTimeout(None)
+        self.wrappedProtocol.makeConnection(self)
+
+    def timeoutConnection(self) -> None:
+        self.transport.abortConnection()
+
+    def connectionLost(self, reason) -> None:
+        self.setTimeout(None)
+        if self.wrappedProtocol.transport is None:  # the handshake never finished
+            self.factory.unregisterProtocol(self)
+            return
+        super().connectionLost(reason)
+
+
 class ImplicitTLSFactory(TLSMemoryBIOFactory):
     """SMTPS/POP3S: TLS from the first byte; without a usable certificate a
     connection is closed at once (one log line, not a traceback per client)."""
 
     def __init__(self, server_tls: ServerTLS, wrapped, name: str):
-        super().__init__(server_tls, False, wrapped)
+        after_handshake = WrappingFactory(wrapped)
+        after_handshake.protocol = _AfterHandshake
+        super().__init__(server_tls, False, after_handshake)
         self.server_tls = server_tls
         self.name = name
 

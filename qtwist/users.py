@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import fcntl
 import functools
+import hashlib
+import hmac
 import os
 import re
 import secrets
@@ -27,7 +29,7 @@ from twisted.cred.checkers import ICredentialsChecker
 from twisted.cred.credentials import IUsernameHashedPassword, IUsernamePassword
 from twisted.cred.error import UnauthorizedLogin
 from twisted.cred.portal import IRealm, Portal
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import Deferred
 from twisted.internet.threads import deferToThread
 from zope.interface import Interface, implementer
 from passlib.hash import md5_crypt, sha256_crypt, sha512_crypt
@@ -560,16 +562,41 @@ class VpasswdChecker:
         if IUsernamePassword.providedBy(credentials):
             checked = deferToThread(self.users.authenticate, address, _text(credentials.password))
         else:
-            user = self.users.lookup(address)
-            secret = user.cleartext if user is not None else ""
-            checked = succeed(user if secret and credentials.checkPassword(secret.encode()) else None)
+            # The look-up may read vpasswd: a worker thread's job, like the hashing.
+            checked = deferToThread(self._challenge_answered, address, credentials)
         return checked.addCallback(self._allowed)
+
+    def _challenge_answered(self, address: str, credentials) -> User | None:
+        """The user when a CRAM-MD5 or APOP answer matches the clear-text field."""
+        user = self.users.lookup(address)
+        secret = user.cleartext if user is not None else ""
+        if secret and credentials.checkPassword(secret.encode("utf-8", "surrogateescape")):
+            return user
+        return None
 
     def _allowed(self, user: User | None) -> User:
         permitted = user is not None and (user.may_smtp if self.service == "smtp" else user.may_pop)
         if not permitted:
             raise UnauthorizedLogin()
         return user
+
+
+@implementer(IUsernameHashedPassword)
+class APOPCredentials:
+    """An APOP answer (RFC 1939 §7): the MD5 hex digest of the greeting's timestamp
+    followed by the clear-text password.
+
+    Twisted's ``pop3.APOPCredentials`` compares str with bytes and never matches.
+    """
+
+    def __init__(self, username: bytes, timestamp: bytes, digest: bytes) -> None:
+        self.username = username
+        self.timestamp = timestamp
+        self.digest = digest
+
+    def checkPassword(self, password: bytes) -> bool:
+        expected = hashlib.md5(self.timestamp + password).hexdigest().encode("ascii")
+        return hmac.compare_digest(expected, self.digest.lower())
 
 
 @implementer(IRealm)

@@ -23,6 +23,7 @@ import subprocess
 import sys
 import threading
 import time
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, TypeVar
@@ -127,10 +128,10 @@ class Home:
     def messages_with(self, maildir: Path, marker: bytes) -> list[bytes]:
         return [data for data in self.mailbox(maildir).values() if marker in data]
 
-    def qtwist(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    def qtwist(self, *args: str, check: bool = True, extra_path: Path | None = None) -> subprocess.CompletedProcess:
         """Run the ``qtwist`` command (as ``python -m qtwist``) on this home."""
         done = subprocess.run([sys.executable, "-m", "qtwist", "--home", str(self.path), *args],
-                              capture_output=True, text=True, env=child_environment(), timeout=60)
+                              capture_output=True, text=True, env=child_environment(extra_path), timeout=60)
         if check:
             assert done.returncode == 0, f"qtwist {' '.join(args)}: {done.stderr}"
         return done
@@ -173,24 +174,36 @@ def make_home(root: Path, *, users: tuple[str, ...] = ("alice", "bob"),
     return home
 
 
-def child_environment() -> dict[str, str]:
-    """The repository first on the path, and unbuffered output so the log file
-    shows each line as it is written."""
+def child_environment(extra_path: Path | None = None) -> dict[str, str]:
+    """The repository first on the path (then ``extra_path``, e.g. a plugin
+    package installed for a test), and unbuffered output so the log file shows
+    each line as it is written."""
     environment = dict(os.environ)
-    extra = environment.get("PYTHONPATH", "")
-    environment["PYTHONPATH"] = str(REPO) + (os.pathsep + extra if extra else "")
+    paths = [str(REPO)] + ([str(extra_path)] if extra_path else [])
+    if environment.get("PYTHONPATH"):
+        paths.append(environment["PYTHONPATH"])
+    environment["PYTHONPATH"] = os.pathsep.join(paths)
     environment["PYTHONUNBUFFERED"] = "1"
     return environment
+
+
+def _loopback_endpoint(port: int | None) -> str:
+    return "none" if port is None else f"tcp:{port}:interface=127.0.0.1"
 
 
 class Server:
     """``twistd -n qmail`` on 127.0.0.1:``port`` for ``home``; its log (stdout and
     stderr) goes to HOME/twistd.log, appended across restarts."""
 
-    def __init__(self, home: Home, port: int | None = None, dns_port: int | None = None) -> None:
+    def __init__(self, home: Home, port: int | None = None, dns_port: int | None = None, *,
+                 submission: bool = False, smtps: bool = False, extra_path: Path | None = None) -> None:
         self.home = home
+        self.extra_path = extra_path
         self.port = port or free_port()
         self.dns_port = dns_port
+        # The submission and SMTPS listeners are off unless asked for.
+        self.submission_port = free_port() if submission else None
+        self.smtps_port = free_port() if smtps else None
         self.log_path = home.path / "twistd.log"
         self.process: subprocess.Popen | None = None
 
@@ -198,26 +211,33 @@ class Server:
         command = [sys.executable, "-c", TWISTD, "-n", "--pidfile=", "qmail",
                    "--home", str(self.home.path),
                    "--smtp", f"tcp:{self.port}:interface=127.0.0.1",
-                   "--submission", "none", "--pop3", "none"]
+                   "--submission", _loopback_endpoint(self.submission_port), "--pop3", "none"]
+        if self.smtps_port is not None:
+            command += ["--smtps", _loopback_endpoint(self.smtps_port)]
         if self.dns_port is not None:
             command += ["--nameserver", f"127.0.0.1:{self.dns_port}"]
         return command
+
+    @property
+    def ports(self) -> list[int]:
+        return [port for port in (self.port, self.submission_port, self.smtps_port) if port is not None]
 
     def start(self, timeout: float = START_DEADLINE) -> Server:
         with open(self.log_path, "ab") as log:
             self.process = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT,
                                             stdin=subprocess.DEVNULL, cwd=self.home.path,
-                                            env=child_environment())
+                                            env=child_environment(self.extra_path))
 
         def listening() -> bool:
             if self.process.poll() is not None:
                 raise AssertionError(f"twistd exited with {self.process.returncode}:\n{self.log}")
             try:
-                socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
+                for port in self.ports:
+                    socket.create_connection(("127.0.0.1", port), timeout=1).close()
             except OSError:
                 return False
             return True
-        wait_until(listening, f"twistd to listen on port {self.port}", timeout)
+        wait_until(listening, f"twistd to listen on ports {self.ports}", timeout)
         return self
 
     def stop(self, timeout: float = DEADLINE) -> None:
@@ -318,6 +338,37 @@ def read_until_closed(sock: socket.socket, timeout: float = DEADLINE) -> bytes:
         if not chunk:
             return received
         received += chunk
+
+
+# -- talking SMTP by hand ----------------------------------------------------------
+
+def unique(label: str) -> str:
+    return f"{label}-{uuid.uuid4().hex[:12]}"
+
+
+def session(server: Server, source: str = "127.0.0.1") -> socket.socket:
+    """A connected client that has read the banner."""
+    sock = server.connect(source)
+    banner, = read_replies(sock, 1)
+    assert banner.startswith(b"220 "), banner
+    return sock
+
+
+def ask(sock: socket.socket, *lines: str | bytes) -> list[bytes]:
+    """Send each line (CRLF added) and read its reply, one at a time."""
+    replies = []
+    for line in lines:
+        sock.sendall((line.encode("latin-1") if isinstance(line, str) else line) + b"\r\n")
+        replies += read_replies(sock, 1)
+    return replies
+
+
+def wire(message: bytes) -> bytes:
+    """An LF message as DATA carries it: CRLF line ends, leading dots doubled.
+    ``message`` is empty or ends with LF."""
+    lines = message.split(b"\n")[:-1]
+    return b"".join((b"." if line.startswith(b".") else b"") + line + b"\r\n" for line in lines)
+
 
 
 # -- a tiny SMTP server to relay to --------------------------------------------

@@ -164,3 +164,26 @@ class GrantsCleanerTests(unittest.TestCase):
             self.assertLess(time.monotonic(), deadline, "the cleaner never removed the expired grant")
             yield task.deferLater(reactor, 0.01, lambda: None)
         self.assertEqual([ip for ip, _ in grants.list()], ["192.0.2.2"])
+
+    @defer.inlineCallbacks
+    def test_cleaner_runs_again_every_interval_with_the_lifetime_then_in_force(self):
+        home = Path(tempfile.mkdtemp(prefix="qtwist-grants-"))
+        self.addCleanup(shutil.rmtree, home)
+        grants = Grants(home)
+        settings = [Settings(me="mx.example.test", relaygrantlifetime=3600)]
+        clock = task.Clock()
+        cleaner = GrantsCleaner(grants, lambda: settings[0], interval=300, clock=clock)
+        cleaner.startService()
+        self.addCleanup(cleaner.stopService)
+        deadline = time.monotonic() + 10
+        while not clock.getDelayedCalls():  # the first run is over once the next is scheduled
+            self.assertLess(time.monotonic(), deadline, "the first run never finished")
+            yield task.deferLater(reactor, 0.01, lambda: None)
+        grants.record("192.0.2.1")
+        half_hour_ago = time.time() - 1800
+        os.utime(home / "open-smtp" / "192.0.2.1", (half_hour_ago, half_hour_ago))
+        settings[0] = Settings(me="mx.example.test", relaygrantlifetime=600)  # a reload shortens it
+        clock.advance(300)
+        while grants.list():
+            self.assertLess(time.monotonic(), deadline, "the second run never removed the grant")
+            yield task.deferLater(reactor, 0.01, lambda: None)

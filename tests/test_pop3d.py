@@ -32,7 +32,8 @@ from twisted.trial import unittest
 from qtwist.control import Settings
 from qtwist.grants import Grants
 from qtwist.pop3d import POP3Factory, crlf_chunks, dot_stuffed, top_chunks, with_seen_flag
-from qtwist.users import UserDB
+from qtwist.throttle import FailureThrottle
+from qtwist.users import UserDB, mail_portal
 
 ALICE = "alice@example.test"
 PASSWORD = "secret"
@@ -116,7 +117,7 @@ class POP3ServerTests(unittest.TestCase):
     """A real server on 127.0.0.1 with a real vpasswd home."""
 
     tls_options = None
-    require_tls = False
+    settings = Settings(me="mx.example.test")
 
     def setUp(self) -> None:
         self.home = Path(tempfile.mkdtemp(prefix="qtwist-pop3d-"))
@@ -126,9 +127,12 @@ class POP3ServerTests(unittest.TestCase):
         self.users.add_user(ALICE, PASSWORD, cleartext=True)
         self.maildir = self.home / "domains" / "example.test" / "alice" / "Maildir"
         self.grants = Grants(self.home)
-        self.factory = POP3Factory(users=self.users, grants=self.grants,
-                                   settings=lambda: Settings(me="mx.example.test"),
-                                   tls_options=self.tls_options, require_tls=self.require_tls)
+        self.throttle = FailureThrottle(reactor, lambda: (self.settings.authfaillimit,
+                                                          self.settings.authfailwindow,
+                                                          self.settings.authfailblock))
+        self.factory = POP3Factory(portal=mail_portal(self.users, "pop3"), throttle=self.throttle,
+                                   grants=self.grants, settings=lambda: self.settings,
+                                   tls_options=self.tls_options)
         # Tracks the server side of each connection, so a test ends only once all have closed.
         self.connections = WrappingFactory(self.factory)
         self.listener = self.listen(self.connections)
@@ -240,6 +244,44 @@ class POP3ServerTests(unittest.TestCase):
         self.assertEqual(reply, b"-ERR [AUTH] authorization failed")
         self.assertGreaterEqual(elapsed, 0.9)
         self.assertFalse(self.grants.is_live(HOST, 10800))
+
+    @defer.inlineCallbacks
+    def test_ip_that_failed_too_often_is_refused_without_a_password_check(self):
+        self.settings = Settings(me="mx.example.test", pop3requiretls=self.settings.pop3requiretls,
+                                 authfaillimit=2, authfailblock=600)
+
+        def client():
+            pop = self.session()
+            for _ in range(2):
+                pop.user(ALICE)
+                with self.assertRaises(poplib.error_proto):
+                    pop.pass_("wrong")
+            replies = []
+            pop.user(ALICE)
+            for attempt in (lambda: pop.pass_(PASSWORD), lambda: pop.apop(ALICE, PASSWORD)):
+                with self.assertRaises(poplib.error_proto) as refused:
+                    attempt()
+                replies.append(refused.exception.args[0])
+            pop.quit()
+            return replies
+        replies = yield deferToThread(client)
+        self.assertEqual(replies, [b"-ERR [SYS/TEMP] too many failed logins from your address, "
+                                   b"try again later"] * 2)
+        self.assertTrue(self.throttle.blocked(HOST))
+        self.assertFalse(self.grants.is_live(HOST, 10800))
+
+    @defer.inlineCallbacks
+    def test_good_login_forgets_earlier_failures(self):
+        def client():
+            pop = self.session()
+            pop.user(ALICE)
+            with self.assertRaises(poplib.error_proto):
+                pop.pass_("wrong")
+            pop.user(ALICE)
+            pop.pass_(PASSWORD)
+            pop.quit()
+        yield deferToThread(client)
+        self.assertNotIn(HOST, self.throttle.failures)
 
     @defer.inlineCallbacks
     def test_unknown_user_gets_the_same_answer_as_a_wrong_password(self):
@@ -533,6 +575,18 @@ class POP3ServerTests(unittest.TestCase):
         self.assertEqual(len(self.files()), 1)
 
     @defer.inlineCallbacks
+    def test_retr_then_dropped_connection_flags_nothing(self):
+        fresh = self.drop(MESSAGE)
+
+        def client():
+            pop = self.login()
+            pop.retr(1)
+            pop.close()
+        yield deferToThread(client)
+        yield self.all_closed()
+        self.assertEqual(self.files(), [f"cur/{fresh.name}:2,"])
+
+    @defer.inlineCallbacks
     def test_connection_dropped_during_retr_keeps_the_message_and_frees_the_lock(self):
         self.drop(b"Subject: big\n\n" + b"line of a long message\n" * 200000)
 
@@ -626,9 +680,9 @@ class TLSMixin:
 
 
 class POP3TLSTests(TLSMixin, POP3ServerTests):
-    """The same server with a certificate: STLS, and logins refused in the clear."""
+    """The same server with a certificate and control/pop3requiretls: STLS before USER/PASS."""
 
-    require_tls = True
+    settings = Settings(me="mx.example.test", pop3requiretls=True)
 
     def setUp(self) -> None:
         self.tls_options = self.make_certificate()
@@ -661,18 +715,32 @@ class POP3TLSTests(TLSMixin, POP3ServerTests):
         self.assertIn("USER", after)
 
     @defer.inlineCallbacks
-    def test_login_in_the_clear_is_refused_when_tls_is_required(self):
+    def test_user_in_the_clear_is_refused_when_tls_is_required(self):
         def client():
             pop = self.connect()
-            refused = []
-            for attempt in (lambda: pop.user(ALICE), lambda: pop.apop(ALICE, PASSWORD)):
-                with self.assertRaises(poplib.error_proto) as error:
-                    attempt()
-                refused.append(error.exception.args[0])
+            with self.assertRaises(poplib.error_proto) as refused:
+                pop.user(ALICE)
+            with self.assertRaises(poplib.error_proto) as no_user:
+                pop.pass_(PASSWORD)
             pop.quit()
-            return refused
-        refused = yield deferToThread(client)
-        self.assertTrue(all(reply.startswith(b"-ERR [AUTH] ") for reply in refused), refused)
+            return refused.exception.args[0], no_user.exception.args[0]
+        refused, no_user = yield deferToThread(client)
+        self.assertEqual(refused, b"-ERR [AUTH] use STLS before logging in")
+        self.assertTrue(no_user.startswith(b"-ERR"))
+        self.assertFalse(self.grants.is_live(HOST, 10800))
+
+    @defer.inlineCallbacks
+    def test_apop_in_the_clear_is_allowed_when_tls_is_required(self):
+        # APOP sends a digest, never the password, so pop3requiretls does not apply to it.
+        self.drop(MESSAGE)
+
+        def client():
+            pop = self.connect()
+            pop.apop(ALICE, PASSWORD)
+            count = pop.stat()[0]
+            pop.quit()
+            return count
+        self.assertEqual((yield deferToThread(client)), 1)
 
     @defer.inlineCallbacks
     def test_stls_certificate_verifies_and_the_session_works(self):
@@ -714,9 +782,9 @@ class POP3TLSTests(TLSMixin, POP3ServerTests):
 
 
 class POP3ImplicitTLSTests(TLSMixin, POP3ServerTests):
-    """The same server behind implicit TLS (pop3s): require_tls is met from the first byte."""
+    """The same server behind implicit TLS (pop3s): pop3requiretls is met from the first byte."""
 
-    require_tls = True
+    settings = Settings(me="mx.example.test", pop3requiretls=True)
 
     def setUp(self) -> None:
         self.tls_options = self.make_certificate()

@@ -11,7 +11,8 @@ from twisted.internet import reactor
 from twisted.trial import unittest
 
 from qtwist import queue as qmod
-from qtwist.queue import DELIVERED, FAILED, Queue, QueueError, queue_read, queue_remove, queue_stat, scan
+from qtwist.queue import DELIVERED, FAILED, TODO_SCRATCH_LIFETIME, Queue, QueueError, drop_todo, queue_read, \
+    queue_remove, queue_stat, remove_todo, scan, take_todo
 
 
 class QueueTests(unittest.TestCase):
@@ -115,3 +116,47 @@ class QueueTests(unittest.TestCase):
         self.assertRaises(QueueError, queue_remove, self.home, ["12345"], None)
         self.queue = Queue(self.home, reactor)
         self.assertEqual(self.queue.open(), [])
+
+
+class TodoTests(unittest.TestCase):
+    """queue/todo/, where ``qtwist sendmail`` leaves messages for the server."""
+
+    def setUp(self) -> None:
+        self.home = Path(tempfile.mkdtemp(prefix="qtwist-todo-test-"))
+        self.addCleanup(shutil.rmtree, self.home, True)
+
+    def test_dropped_message_is_taken_byte_for_byte_with_its_owner(self) -> None:
+        body = b"Subject: 8-bit\n\ncaf\xe9\r stays\n.\nno newline at the end"
+        path = drop_todo(self.home, "", ["a@example.test", "b@remote.test"], body)
+        self.assertEqual(queue_stat(self.home), (0, 1))
+        batch = take_todo(self.home / "queue")
+        (taken,) = batch.messages
+        self.assertEqual((taken.path, taken.uid, taken.sender, taken.recipients, taken.body),
+                         (path, os.getuid(), "", ["a@example.test", "b@remote.test"], body))
+        self.assertEqual((batch.problems, batch.more), ([], False))
+        remove_todo(self.home / "queue", [taken.path])
+        self.assertEqual(queue_stat(self.home), (0, 0))
+
+    def test_only_an_old_unfinished_file_is_cleaned_away(self) -> None:
+        todo = self.home / "queue" / "todo"
+        todo.mkdir(parents=True)
+        (todo / ".old").write_bytes(b"QTWTODO1\n")
+        (todo / ".fresh").write_bytes(b"QTWTODO1\n")
+        long_ago = os.stat(todo / ".old").st_mtime - TODO_SCRATCH_LIFETIME - 60
+        os.utime(todo / ".old", (long_ago, long_ago))
+        batch = take_todo(self.home / "queue")
+        self.assertEqual(batch.messages, [])
+        self.assertEqual(len(batch.problems), 1)
+        self.assertIn("queue/todo/.old", batch.problems[0])
+        self.assertEqual(sorted(os.listdir(todo)), [".fresh"])
+        self.assertEqual(queue_stat(self.home), (0, 0))
+
+    def test_envelope_without_recipients_is_moved_aside(self) -> None:
+        todo = self.home / "queue" / "todo"
+        todo.mkdir(parents=True)
+        (todo / "1").write_bytes(b'QTWTODO1\n{"sender":"a@x.test","rcpt":[]}\nSubject: x\n\n')
+        batch = take_todo(self.home / "queue")
+        self.assertEqual(batch.messages, [])
+        self.assertIn("needs a sender and at least one recipient", batch.problems[0])
+        self.assertEqual(os.listdir(todo), [])
+        self.assertEqual(len(os.listdir(self.home / "queue" / "corrupt")), 1)

@@ -6,24 +6,17 @@ from __future__ import annotations
 import re
 import socket
 import tempfile
-import threading
 from collections.abc import Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import dns.flags
-import dns.message
-import dns.name
-import dns.rcode
-import dns.rdatatype
-import dns.rrset
 import trustme
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.protocol import Factory, connectionDone
 from twisted.internet.ssl import PrivateCertificate
-from twisted.internet.task import Clock
+from twisted.internet.task import Clock, deferLater
 from twisted.protocols.basic import LineReceiver
 from twisted.python.failure import Failure
 from twisted.trial.unittest import TestCase
@@ -39,6 +32,9 @@ from qtwist.remote import (
     smtp_address,
     this_host_addresses,
 )
+from qtwist.resolver import Lookups
+from serverutil import DEADLINE, Server, make_home
+from zoneserver import ZoneServer
 
 
 # -- a scriptable SMTP server ----------------------------------------------------
@@ -55,6 +51,7 @@ class Script:
     data_reply: bytes = b"354 go ahead"
     final_reply: bytes = b"250 ok 1700000000 qp 42"
     tls: object | None = None
+    starttls_reply: bytes = b"220 ready to start TLS"
     garbage_after_starttls: bool = False
     inject_after_starttls: bool = False
     hang_up_after_message: bool = False
@@ -130,6 +127,8 @@ class FakeMX(LineReceiver):
             self.sendLine(b"250 " + lines[-1])
         elif verb == b"HELO":
             self.sendLine(b"250 mx.example.test")
+        elif verb == b"STARTTLS" and not self.script.starttls_reply.startswith(b"220"):
+            self.sendLine(self.script.starttls_reply)
         elif verb == b"STARTTLS":
             if self.script.inject_after_starttls:
                 self.transport.write(b"220 ready to start TLS\r\n250-mx.example.test\r\n250 PIPELINING\r\n")
@@ -174,62 +173,6 @@ class FakeMX(LineReceiver):
 
 # -- a DNS server from a dict -------------------------------------------------------
 
-class ZoneServer:
-    """Answers A/AAAA/MX/CNAME from ``zone`` (name -> type -> rdata texts) on
-    127.0.0.1 in a thread; unknown names get NXDOMAIN, ``servfail`` names SERVFAIL.
-    CNAMEs are followed inside the answer, as a recursive server does."""
-
-    def __init__(self, zone: dict[str, dict[str, list[str]]], servfail: frozenset[str] = frozenset()) -> None:
-        self.zone = {name.rstrip(".").lower(): records for name, records in zone.items()}
-        self.servfail = servfail
-        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        self.sock.bind(("127.0.0.1", 0))
-        self.address: tuple[str, int] = self.sock.getsockname()
-        self.stopping = False
-        self.thread = threading.Thread(target=self._serve, daemon=True)
-        self.thread.start()
-
-    def stop(self) -> None:
-        self.stopping = True
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as waker:
-            waker.sendto(b"stop", self.address)
-        self.thread.join(10)
-        self.sock.close()
-
-    def _serve(self) -> None:
-        while True:
-            wire, client = self.sock.recvfrom(65535)
-            if self.stopping:
-                return
-            query = dns.message.from_wire(wire)
-            self.sock.sendto(self._answer(query).to_wire(), client)
-
-    def _answer(self, query: dns.message.Message) -> dns.message.Message:
-        response = dns.message.make_response(query)
-        response.flags |= dns.flags.RA
-        question = query.question[0]
-        rdtype = dns.rdatatype.to_text(question.rdtype)
-        name = question.name
-        while True:
-            key = name.to_text(omit_final_dot=True).lower()
-            if key in self.servfail:
-                response.set_rcode(dns.rcode.SERVFAIL)
-                return response
-            records = self.zone.get(key)
-            if records is None:
-                if name == question.name:
-                    response.set_rcode(dns.rcode.NXDOMAIN)
-                return response
-            if "CNAME" in records and rdtype != "CNAME":
-                target = records["CNAME"][0]
-                response.answer.append(dns.rrset.from_text_list(name, 60, "IN", "CNAME", [target]))
-                name = dns.name.from_text(target)
-                continue
-            if rdtype in records:
-                response.answer.append(dns.rrset.from_text_list(name, 60, "IN", rdtype, records[rdtype]))
-            return response
-
-
 # -- the tests ----------------------------------------------------------------------
 
 MESSAGE = b"From: a@example.org\nTo: b@example.test\nSubject: hi\n\nhello\n"
@@ -256,7 +199,8 @@ class RemoteDeliveryTests(TestCase):
 
     def remote(self, nameserver: tuple[str, int] | None = None, port: int = 25, **options: object) -> RemoteDelivery:
         options.setdefault("local_addresses", lambda: {"192.0.2.200"})
-        return RemoteDelivery(reactor, nameserver=nameserver, remote_port=port, dns_lifetime=5, **options)
+        return RemoteDelivery(reactor, lookups=Lookups(reactor, nameserver, lifetime=5), remote_port=port,
+                              **options)
 
     def settings(self, smtproutes: str = "", **controls: str) -> Settings:
         """Settings as control.load reads them from a fresh home."""
@@ -389,6 +333,44 @@ class RoutingTests(RemoteDeliveryTests):
         async def check() -> None:
             outcomes = await self.deliver(self.remote(nameserver, port), self.settings(), ["b@example.test"])
             self.assertEqual(outcomes[0].text, "::1 accepted message.\nRemote host said: 250 ok 1700000000 qp 42")
+
+        return self.drive(check())
+
+    def test_mx_host_named_by_a_cname_is_followed(self) -> Deferred:
+        seen, port = self.start_mx(interface="127.0.0.3")
+        nameserver = self.start_dns({
+            "example.test": {"MX": ["10 alias.example.test."]},
+            "alias.example.test": {"CNAME": ["real.hoster.test."]},
+            "real.hoster.test": {"A": ["127.0.0.3"]},
+        })
+
+        async def check() -> None:
+            outcomes = await self.deliver(self.remote(nameserver, port), self.settings(), ["b@example.test"])
+            self.assertEqual(outcomes[0].text, "127.0.0.3 accepted message.\nRemote host said: 250 ok 1700000000 qp 42")
+
+        return self.drive(check())
+
+    def test_unreachable_a_address_falls_back_to_the_aaaa_one(self) -> Deferred:
+        seen, port = self.start_mx(interface="::1")  # nothing on 127.0.0.2 at that port
+        nameserver = self.start_dns({
+            "example.test": {"MX": ["10 mx.example.test."]},
+            "mx.example.test": {"A": ["127.0.0.2"], "AAAA": ["::1"]},
+        })
+
+        async def check() -> None:
+            outcomes = await self.deliver(self.remote(nameserver, port), self.settings(), ["b@example.test"])
+            self.assertEqual(outcomes[0].text, "::1 accepted message.\nRemote host said: 250 ok 1700000000 qp 42")
+
+        return self.drive(check())
+
+    def test_domain_without_mx_uses_its_aaaa_record(self) -> Deferred:
+        seen, port = self.start_mx(interface="::1")
+        nameserver = self.start_dns({"example.test": {"AAAA": ["::1"]}})
+
+        async def check() -> None:
+            outcomes = await self.deliver(self.remote(nameserver, port), self.settings(), ["b@example.test"])
+            self.assertEqual(outcomes[0].kind, "success")
+            self.assertEqual(len(seen.messages), 1)
 
         return self.drive(check())
 
@@ -717,6 +699,21 @@ class TLSTests(RemoteDeliveryTests):
 
         return self.drive(check())
 
+    def test_refused_starttls_defers_instead_of_going_on_in_plaintext(self) -> Deferred:
+        script = Script(extensions=(b"STARTTLS", b"PIPELINING"), starttls_reply=b"454 4.7.0 TLS not available")
+        seen, port = self.start_mx(script)
+
+        async def check() -> None:
+            remote = self.remote(tls_context_factory=opportunistic_tls())
+            outcomes = await self.deliver(remote, self.routed("127.0.0.1", port), ["b@example.test"])
+            self.assertEqual(outcomes, [Outcome.deferral(
+                "TLS connect failed: STARTTLS was refused; connected to 127.0.0.1.\n"
+                "Remote host said: 454 4.7.0 TLS not available")])
+            self.assertEqual(seen.verbs(), [b"EHLO", b"STARTTLS", b"QUIT"])
+            self.assertEqual(seen.messages, [])
+
+        return self.drive(check())
+
     def test_replies_sent_before_the_handshake_are_not_believed(self) -> Deferred:
         script = Script(extensions=(b"STARTTLS",), tls=self.server_tls(), inject_after_starttls=True)
         seen, port = self.start_mx(script)
@@ -727,6 +724,44 @@ class TLSTests(RemoteDeliveryTests):
             self.assertEqual(outcomes[0].kind, "deferral")
             self.assertIn("before the TLS handshake", outcomes[0].text)
             self.assertEqual(seen.verbs(), [b"EHLO", b"STARTTLS"])
+
+        return self.drive(check())
+
+
+class RemotePortServer(Server):
+    """The real server, told where to look up names and which port MX hosts listen on."""
+
+    def __init__(self, home, dns_port: int, remote_port: int) -> None:
+        super().__init__(home, dns_port=dns_port)
+        self.remote_port = remote_port
+
+    def command(self) -> list[str]:
+        return super().command() + ["--remote-port", str(self.remote_port)]
+
+
+class ServerOptionTests(RemoteDeliveryTests):
+    def test_twistd_uses_nameserver_and_remote_port(self) -> Deferred:
+        seen, port = self.start_mx(interface="127.0.0.3")
+        nameserver = self.start_dns({
+            "remote.test": {"MX": ["10 mx.remote.test."]},
+            "mx.remote.test": {"A": ["127.0.0.3"]},
+        })
+        scratch = tempfile.TemporaryDirectory()
+        self.addCleanup(scratch.cleanup)
+        home = make_home(Path(scratch.name), tcp_smtp='127.0.0.1:allow,RELAYCLIENT=""\n')
+        server = RemotePortServer(home, dns_port=nameserver[1], remote_port=port).start()
+        self.addCleanup(server.stop)
+
+        async def check() -> None:
+            with server.smtp() as client:
+                client.sendmail("alice@example.test", ["b@remote.test"], "Subject: options\r\n\r\nhi\r\n")
+            deadline = reactor.seconds() + DEADLINE
+            while not seen.messages:
+                self.assertLess(reactor.seconds(), deadline, f"no delivery to 127.0.0.3:{port}:\n{server.log}")
+                await deferLater(reactor, 0.02, lambda: None)
+            await seen.idle()  # the reply to the final dot is out before the server stops
+            self.assertEqual(seen.command(b"RCPT"), b"RCPT TO:<b@remote.test>")
+            self.assertIn(b"Subject: options\r\n", seen.messages[0])
 
         return self.drive(check())
 

@@ -15,7 +15,6 @@ from math import isqrt
 from pathlib import Path
 from typing import Callable, TypeVar
 
-import pytest
 from twisted.internet import reactor, task
 from twisted.internet.protocol import Factory, connectionDone
 from twisted.internet.threads import deferToThread
@@ -29,6 +28,7 @@ from qtwist.policy import channel_for
 from qtwist.queue import BOUNCED, DELIVERED, FAILED, PENDING, Queue, QueuedMessage, queue_flush, queue_read, \
     queue_remove, queue_stat
 from qtwist.remote import RemoteDelivery
+from qtwist.resolver import Lookups
 from qtwist.send import Scheduler, log_safe, next_retry
 from qtwist.users import UserDB
 
@@ -207,7 +207,7 @@ class SchedulerTestCase(TestCase):
         settings, errors = load(home)
         self.assertEqual(errors, [])
         scheduler = Scheduler(home, Queue(home, reactor), lambda: settings, UserDB(home),
-                              RemoteDelivery(reactor, nameserver=None, remote_port=self.sink_port), reactor)
+                              RemoteDelivery(reactor, lookups=Lookups(reactor, None), remote_port=self.sink_port), reactor)
         scheduler.startService()
         self.addCleanup(self.stop, scheduler)
         return scheduler

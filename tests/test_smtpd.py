@@ -15,7 +15,6 @@ import socket
 import ssl
 import struct
 import time
-import uuid
 from datetime import datetime, timezone
 from email.utils import parsedate_to_datetime
 from pathlib import Path
@@ -23,8 +22,8 @@ from typing import Callable, Iterator
 
 import pytest
 
-from serverutil import (DEADLINE, DOMAIN, ME, DeadPort, Home, Server, SMTPSink, make_home, read_replies,
-                        read_until_closed, wait_until)
+from serverutil import (DEADLINE, DOMAIN, ME, DeadPort, Home, Server, SMTPSink, ask, make_home, read_replies,
+                        read_until_closed, session, unique, wait_until, wire)
 
 PLAIN = "127.0.0.1"      # no environment: may only send to rcpthosts
 RELAY = "127.0.0.2"      # RELAYCLIENT=""
@@ -95,34 +94,6 @@ def start_server(tmp_path: Path, dead_port: DeadPort) -> Iterator[Callable[..., 
     yield start
     for server in servers:
         server.stop()
-
-
-def unique(label: str) -> str:
-    return f"{label}-{uuid.uuid4().hex[:12]}"
-
-
-def session(server: Server, source: str = PLAIN) -> socket.socket:
-    """A connected client that has read the banner."""
-    sock = server.connect(source)
-    banner, = read_replies(sock, 1)
-    assert banner.startswith(b"220 "), banner
-    return sock
-
-
-def ask(sock: socket.socket, *lines: str | bytes) -> list[bytes]:
-    """Send each line (CRLF added) and read its reply, one at a time."""
-    replies = []
-    for line in lines:
-        sock.sendall((line.encode("latin-1") if isinstance(line, str) else line) + b"\r\n")
-        replies += read_replies(sock, 1)
-    return replies
-
-
-def wire(message: bytes) -> bytes:
-    """An LF message as DATA carries it: CRLF line ends, leading dots doubled.
-    ``message`` is empty or ends with LF."""
-    lines = message.split(b"\n")[:-1]
-    return b"".join((b"." if line.startswith(b".") else b"") + line + b"\r\n" for line in lines)
 
 
 def envelope(sender: str, recipients: list[str]) -> bytes:
