@@ -9,6 +9,13 @@ msgs/s (until the Maildir holds every message and the queue is empty).
 
     python bench/accept.py [--sessions 20] [--messages 5000] [--size 10240]
 
+Plugin overhead: the same run with the shipped plugins doing real work, DNS
+answered by a local server (--dns: SPF pass for the sender's domain, a DNSBL
+that lists nobody):
+
+    python bench/accept.py --dns --plugins rbl,spf,chkuser,dkim \
+        --control rblservers=bl.bench.test --control spfbehavior=3
+
 Everything stays on 127.0.0.1; the run is bounded by --max-seconds.
 Work files go to a fresh directory under --work (default: a temporary
 directory) and are left in place: deleting thousands of files slows later
@@ -111,6 +118,8 @@ def main() -> int:
     parser.add_argument("--plugins", default="", help="control/plugins entries, comma separated")
     parser.add_argument("--control", action="append", default=[], metavar="NAME=VALUE",
                         help="an extra control file for the run (repeatable)")
+    parser.add_argument("--dns", action="store_true",
+                        help="answer the server's DNS look-ups from a local zone (for plugins)")
     parser.add_argument("--accept-only", action="store_true",
                         help="measure acceptance alone: no local deliveries (concurrencylocal 0)")
     args = parser.parse_args()
@@ -128,9 +137,16 @@ def main() -> int:
     qtwist(home, "user", "add", "joe@example.test", "--password", "bench-pass")
     port = free_port()
     log = open(work / "twistd.log", "wb")
-    server = subprocess.Popen([tool("twistd"), "-n", "--pidfile=", "qmail", "--home", str(home),
-                               "--smtp", f"tcp:{port}:interface=127.0.0.1", "--submission", "none",
-                               "--pop3", "none"], stdout=log, stderr=subprocess.STDOUT)
+    command = [tool("twistd"), "-n", "--pidfile=", "qmail", "--home", str(home),
+               "--smtp", f"tcp:{port}:interface=127.0.0.1", "--submission", "none", "--pop3", "none"]
+    dns = None
+    if args.dns:
+        sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+        from zoneserver import ZoneServer
+        dns = ZoneServer({"source.test": {"TXT": ['"v=spf1 ip4:127.0.0.0/8 -all"'], "MX": ["10 mx.source.test."]},
+                          "mx.source.test": {"A": ["127.0.0.1"]}})
+        command += ["--nameserver", f"127.0.0.1:{dns.address[1]}"]
+    server = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
     try:
         def listening() -> bool:
             try:
@@ -158,6 +174,8 @@ def main() -> int:
         server.send_signal(signal.SIGTERM)
         server.wait(timeout=30)
         log.close()
+        if dns is not None:
+            dns.stop()
     ok = args.messages - len(errors)
     print(f"sessions={args.sessions} messages={args.messages} size={args.size} errors={len(errors)}")
     if errors:

@@ -143,20 +143,6 @@ def auth_home(root: Path, sink: SMTPSink, dead_port: DeadPort, *, certificate: b
 
 
 @pytest.fixture(scope="module")
-def dead_port() -> Iterator[DeadPort]:
-    port = DeadPort()
-    yield port
-    port.close()
-
-
-@pytest.fixture(scope="module")
-def sink() -> Iterator[SMTPSink]:
-    server = SMTPSink()
-    yield server
-    server.close()
-
-
-@pytest.fixture(scope="module")
 def mx(tmp_path_factory, ca: trustme.CA, sink: SMTPSink, dead_port: DeadPort) -> Iterator[Server]:
     """The shared server: a certificate, and the smtp, submission and smtps listeners."""
     home = auth_home(tmp_path_factory.mktemp("mx"), sink, dead_port, certificate=server_pem(ca))

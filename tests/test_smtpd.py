@@ -46,20 +46,6 @@ RECEIVED = re.compile(rb"Received: from unknown \(HELO (?P<helo>[^\n]*)\) \((?P<
 # -- fixtures and helpers ------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def dead_port() -> Iterator[DeadPort]:
-    port = DeadPort()
-    yield port
-    port.close()
-
-
-@pytest.fixture(scope="module")
-def sink() -> Iterator[SMTPSink]:
-    server = SMTPSink()
-    yield server
-    server.close()
-
-
-@pytest.fixture(scope="module")
 def mx(tmp_path_factory, dead_port: DeadPort, sink: SMTPSink) -> Iterator[Server]:
     """The shared server.  Remote mail goes to the sink for sink.test and to a
     port that refuses connections for everything else, so nothing leaves loopback."""
