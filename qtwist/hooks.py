@@ -14,9 +14,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any
 
-from twisted.internet.defer import Deferred, maybeDeferred
+from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 from twisted.plugin import IPlugin, getPlugins
 from zope.interface import Attribute, Interface, implementer
@@ -224,30 +224,69 @@ class Hooks:
             self._chains[settings.plugins] = chains
         return chains[hook]
 
-    async def ask(self, chain: Iterable[ISMTPPlugin], hook: str, asked: Session | Outbound,
-                  *arguments: Any) -> Answer:
+    def ask(self, chain: list[ISMTPPlugin], hook: str, asked: Session | Outbound,
+            *arguments: Any) -> Answer | Deferred:
         """Ask each plugin of ``chain`` in turn about ``asked`` (the session, or
-        the outbound message); the first answer that is not "continue" wins.
-        Headers of "continue" answers add up."""
+        the outbound message); the first answer that is not "continue" wins and
+        the headers of "continue" answers add up.  While every plugin answers
+        at once, so does this (no Deferred, no reactor turn); from the first
+        plugin that returns a Deferred on, the answer is a Deferred."""
+        arguments = (asked, *arguments)
         headers: list[str] = []
-        for plugin in chain:
-            answer = await self._ask_one(plugin, hook, (asked, *arguments), asked.settings.plugintimeout)
-            if answer.kind != "continue":
-                return answer if answer.kind != "accept" else replace(answer, headers=tuple(headers))
-            headers.extend(answer.headers)
+        for position, plugin in enumerate(chain):
+            answer = self._call(plugin, hook, arguments)
+            if isinstance(answer, Deferred):
+                return Deferred.fromCoroutine(self._ask_the_rest(
+                    chain[position:], answer, hook, arguments, headers, asked.settings.plugintimeout))
+            decided = _decided(answer, headers)
+            if decided is not None:
+                return decided
         return add_headers(*headers) if headers else CONTINUE
 
-    async def _ask_one(self, plugin: ISMTPPlugin, hook: str, arguments: tuple, timeout: float) -> Answer:
-        call: Callable = getattr(plugin, hook)
-        asking = maybeDeferred(call, *arguments)
-        asking.addTimeout(timeout, self.clock)
+    async def _ask_the_rest(self, chain: list[ISMTPPlugin], pending: Deferred, hook: str, arguments: tuple,
+                            headers: list[str], timeout: float) -> Answer:
+        """``chain[0]`` answered with ``pending``; wait for it, then ask the others."""
+        for position, plugin in enumerate(chain):
+            answer = pending if position == 0 else self._call(plugin, hook, arguments)
+            if isinstance(answer, Deferred):
+                answer = await self._wait(plugin, hook, answer, timeout)
+            decided = _decided(answer, headers)
+            if decided is not None:
+                return decided
+        return add_headers(*headers) if headers else CONTINUE
+
+    def _call(self, plugin: ISMTPPlugin, hook: str, arguments: tuple) -> Answer | Deferred:
         try:
-            answer = await asking
+            answer = getattr(plugin, hook)(*arguments)
         except Exception:
             log.failure("plugin {name}: the {hook} hook failed; answering 451", name=plugin.name, hook=hook)
             return TROUBLE
-        if not isinstance(answer, Answer):
-            log.error("plugin {name}: the {hook} hook answered {answer!r}, not an Answer; answering 451",
-                      name=plugin.name, hook=hook, answer=answer)
+        return answer if isinstance(answer, Deferred) else _checked(plugin, hook, answer)
+
+    async def _wait(self, plugin: ISMTPPlugin, hook: str, pending: Deferred, timeout: float) -> Answer:
+        pending.addTimeout(timeout, self.clock)
+        try:
+            answer = await pending
+        except Exception:
+            log.failure("plugin {name}: the {hook} hook failed or timed out; answering 451",
+                        name=plugin.name, hook=hook)
             return TROUBLE
+        return _checked(plugin, hook, answer)
+
+
+def _checked(plugin: ISMTPPlugin, hook: str, answer: object) -> Answer:
+    if isinstance(answer, Answer):
         return answer
+    log.error("plugin {name}: the {hook} hook answered {answer!r}, not an Answer; answering 451",
+              name=plugin.name, hook=hook, answer=answer)
+    return TROUBLE
+
+
+def _decided(answer: Answer, headers: list[str]) -> Answer | None:
+    """The final answer, or None to ask the next plugin (keeping its headers)."""
+    if answer.kind == "continue":
+        headers.extend(answer.headers)
+        return None
+    if answer.kind == "accept":
+        return replace(answer, headers=tuple(headers))
+    return answer

@@ -1,6 +1,7 @@
 """DNS look-ups for the whole process: MX and A for remote delivery, TXT and
-A for plugins (SPF, DNSBL).  They honour --nameserver and run in the
-reactor's thread pool, never on the reactor thread."""
+A for plugins (SPF, DNSBL).  They honour --nameserver, run in the reactor's
+thread pool, never on the reactor thread, and share one cache that keeps
+answers (negative ones too) for their TTL, as dnscache does for qmail."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from twisted.internet import threads
 from twisted.internet.defer import Deferred
 
 DNS_LIFETIME = 30.0
+CACHE_ENTRIES = 100_000
 
 
 class Lookups:
@@ -19,6 +21,7 @@ class Lookups:
         self.reactor = reactor
         self.nameserver = nameserver
         self.lifetime = lifetime
+        self.cache = dns.resolver.LRUCache(CACHE_ENTRIES)
 
     def resolver(self) -> dns.resolver.Resolver:
         """A fresh resolver per look-up, so /etc/resolv.conf edits take effect."""
@@ -29,6 +32,7 @@ class Lookups:
             resolver.nameservers = [self.nameserver[0]]
             resolver.port = self.nameserver[1]
         resolver.lifetime = self.lifetime
+        resolver.cache = self.cache
         return resolver
 
     def in_thread(self, function, *arguments) -> Deferred:

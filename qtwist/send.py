@@ -363,7 +363,9 @@ class Scheduler(Service):
         chain = self.hooks.chain(settings, "outbound") if self.hooks is not None else []
         if chain:
             outbound = Outbound(message.sender, job.domain, tuple(recipients), settings, self.plugin_context)
-            answer = await self.hooks.ask(chain, "outbound", outbound, body)
+            answer = self.hooks.ask(chain, "outbound", outbound, body)
+            if isinstance(answer, Deferred):
+                answer = await answer
             if answer.kind in ("reject", "defer", "disconnect"):
                 refused = Outcome.failure if answer.kind == "reject" else Outcome.deferral
                 return [refused(f"A plugin refused the message: {answer.reply}") for _ in recipients]

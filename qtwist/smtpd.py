@@ -190,7 +190,11 @@ class SMTPServer(Protocol):
         chain = self._hooks("connect")
         if chain:
             self.out.append(greeting)
-            self._wait_for(self._ask(chain, "connect", (), lambda answer: None, greeting=True))
+            asked = self._ask(chain, "connect", (), lambda answer: None, greeting=True)
+            if isinstance(asked, Deferred):
+                self._wait_for(asked)
+            elif self.transport is not None:
+                self._flush()
         else:
             self.transport.write(greeting)
 
@@ -341,27 +345,30 @@ class SMTPServer(Protocol):
                        self.sender, [address for address, _ in self.recipients], self.notes)
 
     def _ask(self, chain: list, hook: str, arguments: tuple, go_on: Callable[[Answer], object],
-             greeting: bool = False, session: Session | None = None) -> Deferred:
+             greeting: bool = False, session: Session | None = None):
         """Ask the plugins, then either ``go_on`` with their answer (continue or
         accept) or give their reply; "disconnect" also hangs up.  At connect,
-        a refusal replaces the greeting (kept in ``out`` until then)."""
-        async def asking():
-            answer = await self.factory.hooks.ask(chain, hook, session or self._hook_session(), *arguments)
-            if self.transport is None:
-                return None
-            if answer.kind in ("continue", "accept"):
-                result = go_on(answer)
-                return (await result) if isinstance(result, Deferred) else result
-            log.info("smtpd: plugin answer to {hook} from {ip}: {reply}", hook=hook, ip=self.client.ip,
-                     reply=answer.reply)
-            if greeting:
-                self.out.clear()
-            self.out.append(f"{answer.reply}\r\n".encode("latin-1", "replace"))
-            if greeting or answer.kind == "disconnect":
-                self._flush()
-                self._close()
+        a refusal replaces the greeting (kept in ``out`` until then).  Plugins
+        that answer at once keep the session from waiting a reactor turn."""
+        answer = self.factory.hooks.ask(chain, hook, session or self._hook_session(), *arguments)
+        if isinstance(answer, Deferred):
+            return answer.addCallback(self._answered, hook, go_on, greeting)
+        return self._answered(answer, hook, go_on, greeting)
+
+    def _answered(self, answer: Answer, hook: str, go_on: Callable[[Answer], object], greeting: bool):
+        if self.transport is None:
             return None
-        return Deferred.fromCoroutine(asking())
+        if answer.kind in ("continue", "accept"):
+            return go_on(answer)
+        log.info("smtpd: plugin answer to {hook} from {ip}: {reply}", hook=hook, ip=self.client.ip,
+                 reply=answer.reply)
+        if greeting:
+            self.out.clear()
+        self.out.append(f"{answer.reply}\r\n".encode("latin-1", "replace"))
+        if greeting or answer.kind == "disconnect":
+            self._flush()
+            self._close()
+        return None
 
     def _command(self, line: str):
         verb, _, argument = line.partition(" ")
@@ -779,7 +786,7 @@ class SMTPServer(Protocol):
         self.factory.queued(queued)
         chain = self._hooks("queued")
         if chain:
-            Deferred.fromCoroutine(self.factory.hooks.ask(chain, "queued", self._hook_session(), queued))
+            self.factory.hooks.ask(chain, "queued", self._hook_session(), queued)
 
     def _queue_failed(self, failure) -> None:
         log.error("smtpd: could not queue a message from {ip}: {why}", ip=self.client.ip,
