@@ -10,6 +10,7 @@ never wait on each other, a grant costs one ``utime`` and a check one
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import os
 import time
@@ -32,6 +33,7 @@ _log = Logger()
 _IPV6_SEPARATOR = "_"
 
 
+@functools.lru_cache(maxsize=65536)
 def grant_name(ip: str) -> str:
     """The file name for ``ip``, canonical so every spelling of one address shares a file.
 
@@ -59,6 +61,7 @@ class Grants:
 
     def __init__(self, home: Path, clock: IReactorTime | None = None) -> None:
         self.directory = Path(home) / "open-smtp"
+        self._directory_name = str(self.directory)  # asked for every SMTP connection: no Path work
         self._clock = clock
 
     def _now(self) -> float:
@@ -80,7 +83,7 @@ class Grants:
     def is_live(self, ip: str, lifetime: int, now: float | None = None) -> bool:
         """True when ``ip`` logged in by POP3 less than ``lifetime`` seconds ago."""
         try:
-            modified = os.stat(self.directory / grant_name(ip)).st_mtime
+            modified = os.stat(f"{self._directory_name}/{grant_name(ip)}").st_mtime
         except (ValueError, OSError):  # not an IP, or no grant: no relaying
             return False
         age = (self._now() if now is None else now) - modified

@@ -330,16 +330,21 @@ class _Writer(threading.Thread):
         self.active: Segment | None = None
         self.unsynced: set[Segment] = set()
 
-    def submit(self, item: _Write | Segment | None) -> None:
-        """A record to write, a finished segment to remove, or None to stop."""
+    def submit(self, item: list[_Write] | Segment | None) -> None:
+        """Records to write, a finished segment to remove, or None to stop."""
         self.inbox.put(item)
 
     def run(self) -> None:
         while True:
-            batch = [self.inbox.get()]
+            batch: list = []
+            item = self.inbox.get()
             while True:
+                if isinstance(item, list):
+                    batch.extend(item)
+                else:
+                    batch.append(item)
                 try:
-                    batch.append(self.inbox.get_nowait())
+                    item = self.inbox.get_nowait()
                 except threadqueue.Empty:
                     break
             stopping = None in batch
@@ -453,6 +458,7 @@ class Queue:
         self._next_id = 1
         self._lock_fd: int | None = None
         self._writer: _Writer | None = None
+        self._outbox: list[_Write] = []
 
     def open(self) -> list[QueuedMessage]:
         """Lock, recover what was acknowledged, start the writer; returns the
@@ -477,6 +483,7 @@ class Queue:
 
     def close(self) -> Deferred:
         """Let the writer finish what it has, then release the lock."""
+        self._hand_over()
         writer, self._writer = self._writer, None
         if writer is None:
             return succeed(None)
@@ -538,9 +545,18 @@ class Queue:
         return deferred
 
     def _submit(self, item: _Write) -> None:
+        """Records of one reactor turn go to the writer together: one wake-up
+        of its thread (and one GIL hand-over) instead of one per record."""
         if self._writer is None:
             raise QueueError("the queue is closed")
-        self._writer.submit(item)
+        self._outbox.append(item)
+        if len(self._outbox) == 1:
+            self.reactor.callLater(0, self._hand_over)
+
+    def _hand_over(self) -> None:
+        if self._outbox and self._writer is not None:
+            outbox, self._outbox = self._outbox, []
+            self._writer.submit(outbox)
 
     def _committed(self, writes: list[_Write], sealed: list[Segment]) -> None:
         """On the reactor thread: a batch is durable (or failed)."""

@@ -44,6 +44,7 @@ CHANSKIP = {"local": 10, "remote": 20}
 BODY_CACHE_LIMIT = 64 * 1024 * 1024
 POLL_INTERVAL = 1.0
 STOP_GRACE = 30.0
+LOG_INTERVAL = 0.05
 # qmail-send's logsafe(): a report's newlines become '/', and anything outside
 # '!'..'~' (and '%') becomes '_', so one delivery is one word-split line.
 UNSAFE_IN_LOG = re.compile(r"[^!-$&-~]")
@@ -62,11 +63,12 @@ def next_retry(born: float, now: float, channel: str) -> float:
 
 
 class SendLog:
-    """qmail-send's log lines, handed to the log once per reactor turn.
+    """qmail-send's log lines, handed to the log every LOG_INTERVAL seconds.
 
     One log event per line cost more CPU than the deliveries it reported
-    (formatting a timestamp and a system tag each time); lines of one turn
-    share one event, the later ones on continuation lines.
+    (formatting a timestamp and a system tag, and a write, each time); the
+    lines of one interval share one event, the later ones on continuation
+    lines.
     """
 
     def __init__(self, clock):
@@ -77,7 +79,7 @@ class SendLog:
     def __call__(self, line: str) -> None:
         self.lines.append(line)
         if self.pending is None:
-            self.pending = self.clock.callLater(0, self.flush)
+            self.pending = self.clock.callLater(LOG_INTERVAL, self.flush)
 
     def flush(self) -> None:
         if self.pending is not None and self.pending.active():

@@ -223,7 +223,8 @@ def test_messages_wait_while_no_server_runs_and_go_at_its_start(tmp_path: Path, 
         wait_until(lambda: home.qstat() == (0, 0), "an empty queue and todo/")
         invoked = INVOKED.search(stored)
         assert invoked is not None and int(invoked.group(1)) == owner, stored
-        assert re.search(rf"info msg \d+: bytes \d+ from <cron@{re.escape(ME)}> qp \d+ uid {owner}\n", server.log)
+        info = re.compile(rf"info msg \d+: bytes \d+ from <cron@{re.escape(ME)}> qp \d+ uid {owner}\n")
+        wait_until(lambda: info.search(server.log), "qmail-send's info line with the file owner's uid")
 
 
 def test_a_flood_of_waiting_messages_is_taken_batch_after_batch(tmp_path: Path, sink: SMTPSink) -> None:

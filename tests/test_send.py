@@ -168,6 +168,7 @@ class SchedulerTestCase(TestCase):
 
     def setUp(self) -> None:
         self.log_lines: list[str] = []
+        self.schedulers: list[Scheduler] = []
         globalLogPublisher.addObserver(self._observe)
         self.addCleanup(globalLogPublisher.removeObserver, self._observe)
         self.sink = Sink()
@@ -209,8 +210,16 @@ class SchedulerTestCase(TestCase):
         scheduler = Scheduler(home, Queue(home, reactor), lambda: settings, UserDB(home),
                               RemoteDelivery(reactor, lookups=Lookups(reactor, None), remote_port=self.sink_port), reactor)
         scheduler.startService()
+        self.schedulers.append(scheduler)
         self.addCleanup(self.stop, scheduler)
         return scheduler
+
+    def flushed_log(self) -> list[str]:
+        """The log lines so far, with what the schedulers still hold back (they
+        write every few milliseconds) written out first."""
+        for scheduler in self.schedulers:
+            scheduler.log.flush()
+        return self.log_lines
 
     async def stop(self, scheduler: Scheduler) -> None:
         if scheduler.running:
@@ -243,11 +252,11 @@ class SchedulerTestCase(TestCase):
     def log_match(self, pattern: str) -> re.Match | None:
         """The first qmail-send log line matching ``pattern`` in full."""
         compiled = re.compile(pattern)
-        return next((m for m in map(compiled.fullmatch, self.log_lines) if m), None)
+        return next((m for m in map(compiled.fullmatch, self.flushed_log()) if m), None)
 
     def log_index(self, pattern: str) -> int:
         compiled = re.compile(pattern)
-        for index, line in enumerate(self.log_lines):
+        for index, line in enumerate(self.flushed_log()):
             if compiled.fullmatch(line):
                 return index
         raise AssertionError(f"no qmail-send log line matches {pattern!r}:\n" + "\n".join(self.log_lines))
@@ -264,7 +273,7 @@ class SchedulerTestCase(TestCase):
         """Messages logged as new but neither ended nor removed."""
         pattern = re.compile(r"(new|end|removed) msg (\d+)( by request)?")
         seen: dict[str, set[str]] = {"new": set(), "end": set(), "removed": set()}
-        for match in map(pattern.fullmatch, self.log_lines):
+        for match in map(pattern.fullmatch, self.flushed_log()):
             if match:
                 seen[match.group(1)].add(match.group(2))
         return seen["new"] - seen["end"] - seen["removed"]
@@ -274,7 +283,7 @@ class SchedulerTestCase(TestCase):
         starts = re.compile(rf"starting delivery (\d+): msg {message.id} to .*")
 
         def deferred() -> bool:
-            numbers = {m.group(1) for m in map(starts.fullmatch, self.log_lines) if m}
+            numbers = {m.group(1) for m in map(starts.fullmatch, self.flushed_log()) if m}
             return any(self.log_match(rf"delivery {number}: deferral: .*") for number in numbers)
         await self.wait_for(deferred, f"a deferral of msg {message.id}")
 
@@ -383,7 +392,7 @@ class LocalDeliveryTests(SchedulerTestCase):
         assert start is not None
         self.assertIsNotNone(self.log_match(rf"delivery {start.group(1)}: success: did.0\+1\+0/"))
         self.assertIsNone(self.log_match(rf"bounce msg {message.id} qp \d+"))
-        new_messages = [m.group(1) for m in map(re.compile(r"new msg (\d+)").fullmatch, self.log_lines) if m]
+        new_messages = [m.group(1) for m in map(re.compile(r"new msg (\d+)").fullmatch, self.flushed_log()) if m]
         self.assertEqual(len(new_messages), 2)
         await self.until_ended(home, message)
         self.assertEqual(mailbox(home, "fwd"), [])
@@ -505,7 +514,7 @@ class ConcurrencyTests(SchedulerTestCase):
     def busiest(self, channel: str) -> int:
         pattern = re.compile(r"status: local (\d+)/\d+ remote (\d+)/\d+")
         counts = [int(m.group(1 if channel == "local" else 2))
-                  for m in map(pattern.fullmatch, self.log_lines) if m]
+                  for m in map(pattern.fullmatch, self.flushed_log()) if m]
         return max(counts, default=0)
 
     async def test_concurrencyremote_one_means_one_connection_at_a_time(self) -> None:
@@ -621,7 +630,7 @@ class RestartTests(SchedulerTestCase):
         self.assertEqual(scheduler.in_progress, {"local": 0, "remote": 0})
         self.assertEqual(len(self.sink.transactions), 1)
         self.assertEqual(self.sink.delivered(), [])
-        self.assertEqual(len([line for line in self.log_lines if line.startswith("starting delivery")]), 1)
+        self.assertEqual(len([line for line in self.flushed_log() if line.startswith("starting delivery")]), 1)
         self.assertEqual(mailbox(home, "alice"), [])
 
 
