@@ -21,6 +21,7 @@ from typing import Callable
 
 from twisted.cred.credentials import CramMD5Credentials, UsernamePassword
 from twisted.cred.error import UnauthorizedLogin
+from twisted.internet import tcp
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IPushProducer, ISSLTransport
 from twisted.internet.protocol import Factory, Protocol
@@ -132,6 +133,27 @@ def too_many_hops(message: bytes) -> bool:
     return sum(1 for line in lines if line.startswith((b"received:", b"delivered-to:"))) >= MAX_HOPS
 
 
+def write_now(transport, data: bytes) -> None:
+    """Send a reply at once when the socket can take it.
+
+    Twisted's write() only queues the bytes and waits for the next poll,
+    which costs two epoll_ctl calls and a loop turn per reply: an eighth of
+    the reactor's time when every message is its own short session.  On a
+    plain TCP transport with nothing queued, send() now and queue only what
+    the kernel did not take; anything else (TLS, a backlog, a Twisted whose
+    transport looks different) goes the usual way.
+    """
+    if (type(transport) is tcp.Server and not transport.TLS and transport.connected
+            and not transport.disconnecting and getattr(transport, "_tempDataLen", 1) == 0
+            and transport.offset == len(transport.dataBuffer)):
+        sent = transport.writeSomeData(data)
+        if not isinstance(sent, int):
+            sent = 0  # an error: the queued write below meets it again and closes
+        data = data[sent:]
+    if data:
+        transport.write(data)
+
+
 @implementer(IPushProducer)
 class SMTPServer(Protocol):
     """One SMTP session; the producer of its own replies, so that a client
@@ -196,7 +218,7 @@ class SMTPServer(Protocol):
             elif self.transport is not None:
                 self._flush()
         else:
-            self.transport.write(greeting)
+            write_now(self.transport, greeting)
 
     def connectionLost(self, reason=None) -> None:
         if self.timer is not None and self.timer.active():
@@ -328,7 +350,7 @@ class SMTPServer(Protocol):
 
     def _flush(self) -> None:
         if self.out:
-            self.transport.write(b"".join(self.out))
+            write_now(self.transport, b"".join(self.out))
             self.out = []
 
     # -- commands -----------------------------------------------------------------
