@@ -64,7 +64,7 @@ class QueueError(Exception):
     """A queue operation that cannot be done; the text says why."""
 
 
-@dataclass
+@dataclass(slots=True)
 class Recipient:
     address: str
     channel: str  # "local" or "remote"
@@ -98,7 +98,7 @@ class Segment:
         self.fd = self.read_fd = None
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class QueuedMessage:
     """What the queue knows of one message; ``body`` is kept only while fresh."""
 

@@ -12,6 +12,7 @@ reactor thread.
 
 from __future__ import annotations
 
+import gc
 import heapq
 import itertools
 import math
@@ -140,6 +141,9 @@ class Scheduler(Service):
         self.local_pool.start()
         for message in self.queue.open():
             self._resume(message)
+        # A big queue is many long-lived objects: keep the garbage collector
+        # from walking all of them again and again while mail flows.
+        gc.freeze()
         from twisted.internet.task import LoopingCall
         self._poller = LoopingCall(self._poll_requests)
         self._poller.clock = self.reactor
