@@ -195,9 +195,10 @@ def _overrides(plugin: ISMTPPlugin, hook: str) -> bool:
 class Hooks:
     """The enabled plugins, asked in control/plugins order.
 
-    ``enabled`` is re-read for every question, so a change of control/plugins
-    applies to the next session without a restart; a hook no enabled plugin
-    overrides costs one dictionary look-up.
+    The chains are looked up by the settings snapshot's ``plugins`` on every
+    question, so a change of control/plugins applies to the next session
+    without a restart; a hook no enabled plugin overrides costs one
+    dictionary look-up.
     """
 
     def __init__(self, available: dict[str, ISMTPPlugin], clock):
