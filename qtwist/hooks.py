@@ -44,6 +44,11 @@ class Answer:
     def reply(self) -> str:
         return f"{self.code} {self.text}"
 
+    @property
+    def header_block(self) -> bytes:
+        """The added header lines as they go on top of a message (LF ends)."""
+        return "".join(f"{header}\n" for header in self.headers).encode("utf-8", "replace")
+
 
 CONTINUE = Answer()
 TROUBLE = Answer("defer", 451, "temporary failure in a plugin, try again later (#4.3.0)")

@@ -364,7 +364,7 @@ class Scheduler(Service):
             outcome = await deferToThreadPool(self.reactor, self.local_pool, self._deliver_local,
                                               message, recipient, settings)
             return [outcome]
-        body = message.body if message.body is not None else await deferToThread(message.read_body)
+        body = await self._body(message)
         recipients = [message.recipients[i].address for i in job.indexes]
         chain = self.hooks.chain(settings, "outbound") if self.hooks is not None else []
         if chain:
@@ -375,8 +375,13 @@ class Scheduler(Service):
             if answer.kind in ("reject", "defer", "disconnect"):
                 refused = Outcome.failure if answer.kind == "reject" else Outcome.deferral
                 return [refused(f"A plugin refused the message: {answer.reply}") for _ in recipients]
-            body = "".join(f"{header}\n" for header in answer.headers).encode("utf-8", "replace") + body
+            body = answer.header_block + body
         return await self.remote.deliver(settings, job.domain, message.sender, recipients, body)
+
+    @staticmethod
+    async def _body(message: QueuedMessage) -> bytes:
+        """The message bytes: from memory while cached, else read in a thread."""
+        return message.body if message.body is not None else await deferToThread(message.read_body)
 
     def _deliver_local(self, message: QueuedMessage, recipient: str, settings: Settings) -> Outcome:
         """In a worker thread: qmail-local for one recipient."""
@@ -414,7 +419,7 @@ class Scheduler(Service):
     async def _forward(self, message: QueuedMessage, recipient: str, forwards: tuple[str, ...],
                        settings: Settings) -> None:
         """A dot-qmail forward: a new message, durable before the original counts as delivered."""
-        body = message.body if message.body is not None else await deferToThread(message.read_body)
+        body = await self._body(message)
         forwarded = await self.queue.accept(message.sender,
                                             [(address, channel_for(address, settings)) for address in forwards],
                                             f"Delivered-To: {recipient}\n".encode() + body)
@@ -435,7 +440,7 @@ class Scheduler(Service):
         if envelope is None:
             self.log(f"triple bounce: discarding msg {message.id}")
         else:
-            original = message.body if message.body is not None else await deferToThread(message.read_body)
+            original = await self._body(message)
             failures = [(message.recipients[i].address, message.recipients[i].text) for i in failed]
             text = bounce.failure_notice(settings, message.sender, failures, original, time.time())
             sender, recipient = envelope

@@ -366,6 +366,14 @@ class SMTPServer(Protocol):
         return Session(self.client, self.settings, self.factory.plugin_context, self.encrypted, self.helo,
                        self.sender, [address for address, _ in self.recipients], self.notes)
 
+    def _then(self, accepted: Callable[[], None], hook: str, *arguments: object):
+        """``accepted()`` once the plugins for ``hook`` agree (at once without any)."""
+        chain = self._hooks(hook)
+        if not chain:
+            accepted()
+            return None
+        return self._ask(chain, hook, arguments, lambda answer: accepted())
+
     def _ask(self, chain: list, hook: str, arguments: tuple, go_on: Callable[[Answer], object],
              greeting: bool = False, session: Session | None = None):
         """Ask the plugins, then either ``go_on`` with their answer (continue or
@@ -411,11 +419,7 @@ class SMTPServer(Protocol):
             self.helo, self.protocol_name = name, protocol
             self._reset()
             reply()
-        chain = self._hooks("helo")
-        if chain:
-            return self._ask(chain, "helo", (name,), lambda answer: accepted())
-        accepted()
-        return None
+        return self._then(accepted, "helo", name)
 
     def _helo_reply(self) -> None:
         self.out.append(f"250 {self.settings.me}\r\n".encode("latin-1", "replace"))
@@ -453,16 +457,16 @@ class SMTPServer(Protocol):
                 and sender.lower() != self.auth_user.address.lower()):
             self.out.append(b"553 sorry, that sender address is not yours (#5.7.1)\r\n")
             return
+        bad = bad_mail_from(sender, self.settings)
+
         def accepted() -> None:
             self._reset()
-            self.sender = sender
-            self.sender_bad = bad_mail_from(sender, self.settings)
+            self.sender, self.sender_bad = sender, bad
             self.out.append(b"250 ok\r\n")
-        chain = self._hooks("mail")
-        if chain and not bad_mail_from(sender, self.settings):
-            return self._ask(chain, "mail", (sender,), lambda answer: accepted())
-        accepted()
-        return None
+        if bad:  # refused at every RCPT, as qmail does; no plugin need be asked
+            accepted()
+            return None
+        return self._then(accepted, "mail", sender)
 
     def smtp_rcpt(self, argument: str):
         if self.sender is None:
@@ -495,11 +499,7 @@ class SMTPServer(Protocol):
         def accepted() -> None:
             self.recipients.append((address, channel_for(address, self.settings)))
             self.out.append(b"250 ok\r\n")
-        chain = self._hooks("rcpt")
-        if chain:
-            return self._ask(chain, "rcpt", (address,), lambda answer: accepted())
-        accepted()
-        return None
+        return self._then(accepted, "rcpt", address)
 
     def smtp_data(self, argument: str):
         if self.sender is None:
@@ -787,9 +787,9 @@ class SMTPServer(Protocol):
             # The data hook sees the transaction as it was; headers it adds go on top.
             session = self._hook_session()
             session.sender, session.recipients = sender, [address for address, _ in recipients]
-            return self._ask(chain, "data", (message,), lambda answer: self._queue(
-                sender, recipients, message, "".join(f"{h}\n" for h in answer.headers).encode("utf-8", "replace")),
-                session=session)
+            return self._ask(chain, "data", (message,),
+                             lambda answer: self._queue(sender, recipients, message, answer.header_block),
+                             session=session)
         return self._queue(sender, recipients, message)
 
     def _queue(self, sender: str, recipients: list, message: bytes, added: bytes = b"") -> Deferred:

@@ -9,12 +9,14 @@ are not checked, and the null sender is checked by its HELO name.
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import dns.exception
 import dns.resolver
 import spf
 from twisted.internet.defer import Deferred
+from twisted.internet.threads import deferToThread
 from twisted.logger import Logger
 
 from qtwist.hooks import CONTINUE, Answer, Plugin, Session, add_headers, defer, reject
@@ -36,8 +38,10 @@ def refused(result: str, level: int) -> bool:
     return result in REFUSED_FROM.get(level, ())
 
 
+@functools.lru_cache(maxsize=4)
 def _lookup_with(lookups: Any):
-    """pyspf's DNS function, answered by our resolver (so --nameserver applies)."""
+    """pyspf's DNS function, answered by our resolver (so --nameserver applies
+    and answers are cached); one per Lookups, made once."""
     def lookup(name: str, qtype: str, strict: bool = True, timeout: float = 20) -> list:
         resolver = lookups.resolver()
         try:
@@ -83,8 +87,8 @@ class SPF(Plugin):
 
     async def _check(self, session: Session, sender: str, level: int) -> Answer:
         lookups = session.context.lookups
-        result, explanation, header = await lookups.in_thread(
-            lambda _resolver: evaluate(lookups, session.client.ip, sender, session.helo, session.settings.me))
+        result, explanation, header = await deferToThread(
+            evaluate, lookups, session.client.ip, sender, session.helo, session.settings.me)
         session.notes[NOTE] = header
         if result == "temperror" and level >= 2:
             return defer(f"SPF lookup for {sender or session.helo} failed, try again later (#4.4.3)")
