@@ -300,8 +300,8 @@ def main(argv: list[str] | None = None) -> int:
     except (CommandError, UsersError) as error:
         print(f"qtwist: {error}", file=sys.stderr)
     except OSError as error:
-        where = f" {error.filename}" if error.filename else ""
-        print(f"qtwist:{where}: {error.strerror or error}", file=sys.stderr)
+        where = f" {error.filename}:" if error.filename else ""
+        print(f"qtwist:{where} {error.strerror or error}", file=sys.stderr)
     except KeyboardInterrupt:
         return 130
     return 1
