@@ -2,9 +2,9 @@
 
 Every pending recipient is either ready (a deque per channel) or waiting for
 its retry time (one heap for both channels), so each event costs O(log n)
-whatever the size of the queue.  Local deliveries run in a thread pool sized
-by concurrencylocal (they write and fsync Maildir files); remote ones run on
-the reactor, all recipients of one domain in one SMTP transaction, at most
+whatever the size of the queue.  Local deliveries, at most concurrencylocal
+at once, run in the qmail-lspawn child (lspawn.py); remote ones run on the
+reactor, all recipients of one domain in one SMTP transaction, at most
 concurrencyremote at once.  Messages ``qtwist sendmail`` left in queue/todo/
 are queued once a second (and at start), with the reading done off the
 reactor thread.
@@ -26,15 +26,15 @@ from typing import Callable
 
 from twisted.application.service import Service
 from twisted.internet.defer import CancelledError, Deferred, DeferredList, ensureDeferred
-from twisted.internet.threads import deferToThread, deferToThreadPool
+from twisted.internet.threads import deferToThread
 from twisted.logger import Logger
-from twisted.python.threadpool import ThreadPool
 
-from qtwist import bounce, local
+from qtwist import bounce
 from qtwist.control import Settings
 from qtwist.delivery import Outcome
 from qtwist.hooks import Hooks, Outbound, PluginContext
 from qtwist.inject import received_header
+from qtwist.lspawn import LocalSpawn
 from qtwist.policy import channel_for, split_address
 from qtwist.queue import BOUNCED, DELIVERED, FAILED, PENDING, Queue, QueuedMessage, remove_todo, \
     take_flush_request, take_removal_requests, take_todo
@@ -106,14 +106,12 @@ class Job:
 class Scheduler(Service):
     """Delivers what the queue holds; the SMTP server hands it new messages."""
 
-    def __init__(self, home: Path, queue: Queue, settings: Callable[[], Settings], users, remote,
+    def __init__(self, home: Path, queue: Queue, settings: Callable[[], Settings], remote,
                  reactor, hooks: Hooks | None = None, plugin_context: PluginContext | None = None):
-        self.home = home
         self.hooks = hooks
         self.plugin_context = plugin_context
         self.queue = queue
         self.settings = settings
-        self.users = users
         self.remote = remote
         self.reactor = reactor
         self.ready = {"local": deque(), "remote": deque()}
@@ -128,8 +126,7 @@ class Scheduler(Service):
         self._removed: set[int] = set()
         self._running_deliveries: set[Deferred] = set()
         self.log = SendLog(reactor)
-        self.local_pool = ThreadPool(minthreads=0, maxthreads=max(1, settings().concurrencylocal),
-                                     name="qtwist-local")
+        self.lspawn = LocalSpawn(reactor, home)
 
     # -- service ------------------------------------------------------------
 
@@ -138,7 +135,7 @@ class Scheduler(Service):
         if threading.current_thread() is threading.main_thread():
             # qmail-send retries everything at once on SIGALRM; so do we.
             signal.signal(signal.SIGALRM, lambda *_: self.reactor.callFromThread(self.flush))
-        self.local_pool.start()
+        self.lspawn.start()
         for message in self.queue.open():
             self._resume(message)
         # A big queue is many long-lived objects: keep the garbage collector
@@ -177,7 +174,7 @@ class Scheduler(Service):
                          f"they are retried after the next start")
             if giving_up.active():
                 giving_up.cancel()
-        self.local_pool.stop()
+        await self.lspawn.stop()
         self.log.flush()
         await self.queue.close()
 
@@ -361,9 +358,7 @@ class Scheduler(Service):
         message = job.message
         if job.channel == "local":
             recipient = message.recipients[job.indexes[0]].address
-            outcome = await deferToThreadPool(self.reactor, self.local_pool, self._deliver_local,
-                                              message, recipient, settings)
-            return [outcome]
+            return [await self.lspawn.deliver(message, recipient)]
         body = await self._body(message)
         recipients = [message.recipients[i].address for i in job.indexes]
         chain = self.hooks.chain(settings, "outbound") if self.hooks is not None else []
@@ -382,11 +377,6 @@ class Scheduler(Service):
     async def _body(message: QueuedMessage) -> bytes:
         """The message bytes: from memory while cached, else read in a thread."""
         return message.body if message.body is not None else await deferToThread(message.read_body)
-
-    def _deliver_local(self, message: QueuedMessage, recipient: str, settings: Settings) -> Outcome:
-        """In a worker thread: qmail-local for one recipient."""
-        return local.deliver(self.home, settings, self.users, recipient, message.sender,
-                             message.read_body())
 
     @staticmethod
     def _judge(message: QueuedMessage, outcome: Outcome, settings: Settings) -> Outcome:

@@ -96,7 +96,7 @@ def listener_endpoints(cli: dict[str, list[str]], configured: tuple[tuple[str, s
     return chosen
 
 
-# Worker threads (Maildir writes, the queue's fsyncs) hold the GIL between
+# Worker threads (the queue's writer, password checks, DNS) hold the GIL between
 # system calls; the reactor thread gives it up at every socket call and would
 # otherwise wait up to the default 5 ms to get it back, for every client.
 GIL_SWITCH_INTERVAL = 0.0005
@@ -121,7 +121,7 @@ def makeService(options: Options) -> MultiService:
                             tls_context_factory=opportunistic_tls())
     hooks = Hooks(installed_plugins(), reactor)
     plugin_context = PluginContext(home, users, lookups, reactor)
-    scheduler = Scheduler(home, queue, lambda: control.settings, users, remote, reactor,
+    scheduler = Scheduler(home, queue, lambda: control.settings, remote, reactor,
                           hooks=hooks, plugin_context=plugin_context)
     scheduler.setServiceParent(top)
 

@@ -54,11 +54,20 @@ def wait_until(condition: Callable[[], T], what: str, timeout: float = DEADLINE,
         time.sleep(interval)
 
 
+_handed_out: set[int] = set()
+
+
 def free_port() -> int:
-    """A port nobody listens on right now (the kernel's pick for port 0)."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
+    """A port nobody listens on right now (the kernel's pick for port 0), and
+    never one this test process was given before: a server asks for several,
+    and the kernel may pick a closed probe's port again."""
+    while True:
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        if port not in _handed_out:
+            _handed_out.add(port)
+            return port
 
 
 class DeadPort:

@@ -30,7 +30,6 @@ from qtwist.queue import BOUNCED, DELIVERED, FAILED, PENDING, Queue, QueuedMessa
 from qtwist.remote import RemoteDelivery
 from qtwist.resolver import Lookups
 from qtwist.send import Scheduler, log_safe, next_retry
-from qtwist.users import UserDB
 
 ME = "mx.example.test"
 DOMAIN = "example.test"
@@ -207,8 +206,8 @@ class SchedulerTestCase(TestCase):
     def start(self, home: Path) -> Scheduler:
         settings, errors = load(home)
         self.assertEqual(errors, [])
-        scheduler = Scheduler(home, Queue(home, reactor), lambda: settings, UserDB(home),
-                              RemoteDelivery(reactor, lookups=Lookups(reactor, None), remote_port=self.sink_port), reactor)
+        remote = RemoteDelivery(reactor, lookups=Lookups(reactor, None), remote_port=self.sink_port)
+        scheduler = Scheduler(home, Queue(home, reactor), lambda: settings, remote, reactor)
         scheduler.startService()
         self.schedulers.append(scheduler)
         self.addCleanup(self.stop, scheduler)

@@ -1,0 +1,281 @@
+"""qmail-lspawn's job: local deliveries run in a child process.
+
+A Maildir delivery is mostly system calls (open, write, fsync, rename, fsync
+of new/), and in a thread of the server each of them gives the GIL up and
+takes it back from the reactor thread, which serves every SMTP client.  So,
+as qmail-send hands local deliveries to qmail-lspawn, the scheduler hands
+them to one long-lived child process (``main`` below), which runs
+qmail-local (``local.deliver``) in its own threads, on its own core.
+
+The child reads the message from the queue file itself, as qmail-local
+does; the two ends exchange one small frame per delivery: a 4-byte length,
+then JSON (which carries the surrogate escapes of undecodable address bytes
+unharmed).  The child reads the control files and vpasswd on its own, with
+the same reload-on-change as the server.
+
+If the child dies, the deliveries it held are deferred (retried later, as
+after a crash: a delivery may repeat, none is lost) and a new child starts.
+It ignores SIGINT and SIGTERM, which a terminal or a service manager sends
+to the whole process group: it ends when the server closes its stdin, once
+the deliveries it holds are done.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import signal
+import sys
+from pathlib import Path
+from typing import Callable
+
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.interfaces import IHalfCloseableProtocol
+from twisted.internet.protocol import ProcessProtocol
+from twisted.internet.threads import deferToThreadPool
+from twisted.logger import FilteringLogObserver, Logger, LogLevel, LogLevelFilterPredicate, \
+    globalLogBeginner, textFileLogObserver
+from twisted.protocols.basic import Int32StringReceiver
+from twisted.python.failure import Failure
+from twisted.python.threadpool import ThreadPool
+from zope.interface import implementer
+
+from qtwist import local
+from qtwist.control import ControlWatcher, Settings
+from qtwist.delivery import Outcome
+from qtwist.queue import QueuedMessage
+from qtwist.users import UserDB
+
+log = Logger(namespace="qtwist.lspawn")
+
+# A frame holds one delivery's request or result: a result lists the
+# addresses a dot-qmail file forwards to, which for a mailing list are many.
+FRAME_LIMIT = 64 * 1024 * 1024
+# Seconds between a child's unexpected end and the start of the next.
+RESTART_DELAY = 1.0
+# Seconds a stopping child gets to finish what it holds before SIGKILL (the
+# scheduler has already waited for its deliveries).
+STOP_GRACE = 10.0
+# Threads in the child: the scheduler's concurrencylocal is the real limit.
+MAX_THREADS = 1000
+# The child imports exactly what the server did: the same sys.path, not one
+# that starts with the current directory (which may hold another qtwist).
+CHILD_MAIN = ("import json, sys; sys.path[:] = json.loads(sys.argv[1]); "
+              "from qtwist.lspawn import main; main(sys.argv[2:])")
+CHILD_ENDED = "Local delivery process ended during the delivery. (#4.3.0)"
+NO_CHILD = "Local delivery process is restarting. (#4.3.0)"
+
+
+class _Frames(Int32StringReceiver):
+    """Length-prefixed JSON frames, the same on both ends."""
+
+    MAX_LENGTH = FRAME_LIMIT
+
+    def __init__(self, received: Callable[[list], None]) -> None:
+        self.received = received
+
+    def stringReceived(self, frame: bytes) -> None:
+        self.received(json.loads(frame))
+
+    def send(self, value: list) -> None:
+        self.sendString(json.dumps(value, separators=(",", ":")).encode("ascii"))
+
+    def lengthLimitExceeded(self, length: int) -> None:
+        log.error("lspawn: a frame of {length} bytes is over the limit; dropping the pipe", length=length)
+        self.transport.loseConnection()
+
+
+# -- the server's end -------------------------------------------------------------------------
+
+class _Child(ProcessProtocol):
+    """One child process and the deliveries it holds."""
+
+    def __init__(self, ended: Callable[[_Child], None]) -> None:
+        self.pending: dict[int, Deferred] = {}
+        self.frames = _Frames(self._answered)
+        self.gone = Deferred()
+        self._ended = ended
+        self._numbers = itertools.count(1)
+
+    def connectionMade(self) -> None:
+        self.frames.makeConnection(self.transport)
+
+    def deliver(self, request: list) -> Deferred:
+        number = next(self._numbers)
+        answer = self.pending[number] = Deferred()
+        self.frames.send([number, *request])
+        return answer
+
+    def _answered(self, reply: list) -> None:
+        number, kind, text, forwards = reply
+        answer = self.pending.pop(number, None)
+        if answer is not None:
+            answer.callback(Outcome(kind, text, tuple(forwards)))
+
+    def outReceived(self, data: bytes) -> None:
+        self.frames.dataReceived(data)
+
+    def errReceived(self, data: bytes) -> None:
+        for line in data.decode("utf-8", "replace").splitlines():
+            if line.strip():
+                log.error("lspawn: {line}", line=line)
+
+    def processEnded(self, reason: Failure) -> None:
+        pending, self.pending = self.pending, {}
+        for answer in pending.values():
+            answer.callback(Outcome.deferral(CHILD_ENDED))
+        self._ended(self)
+        self.gone.callback(reason.value)
+
+
+class LocalSpawn:
+    """The server's handle on the child; ``deliver`` is qmail-lspawn's one request."""
+
+    def __init__(self, reactor, home: Path) -> None:
+        self.reactor = reactor
+        self.home = Path(home)
+        self._child: _Child | None = None
+        self._restart = None
+        self._running = False
+
+    def start(self) -> None:
+        self._running = True
+        self._spawn()
+
+    def deliver(self, message: QueuedMessage, recipient: str) -> Deferred:
+        """Deliver the queued ``message`` to the local ``recipient``: an Outcome, never an error."""
+        if self._child is None:
+            return succeed(Outcome.deferral(NO_CHILD))
+        segment = message.segment
+        return self._child.deliver([recipient, message.sender, os.fsdecode(segment.path),
+                                    message.offset, message.size])
+
+    def stop(self) -> Deferred:
+        """Close the child's stdin and wait for it to end; SIGKILL after STOP_GRACE."""
+        self._running = False
+        if self._restart is not None and self._restart.active():
+            self._restart.cancel()
+        child = self._child
+        if child is None:
+            return succeed(None)
+        child.transport.closeStdin()
+        killer = self.reactor.callLater(STOP_GRACE, self._kill, child)
+        child.gone.addBoth(lambda _: killer.cancel() if killer.active() else None)
+        return child.gone
+
+    def _spawn(self) -> None:
+        child = _Child(self._child_ended)
+        argv = [sys.executable, "-c", CHILD_MAIN, json.dumps(sys.path), os.fsdecode(self.home)]
+        self.reactor.spawnProcess(child, sys.executable, argv, env=dict(os.environ),
+                                  childFDs={0: "w", 1: "r", 2: "r"})
+        self._child = child
+
+    def _child_ended(self, child: _Child) -> None:
+        if child is not self._child:
+            return
+        self._child = None
+        if self._running:
+            log.error("lspawn: the local delivery process ended; starting a new one in {delay} s",
+                      delay=RESTART_DELAY)
+            self._restart = self.reactor.callLater(RESTART_DELAY, self._spawn)
+
+    @staticmethod
+    def _kill(child: _Child) -> None:
+        log.warn("lspawn: the local delivery process outlasted the stop; killing it")
+        child.transport.signalProcess("KILL")
+
+
+# -- the child's end --------------------------------------------------------------------------
+
+@implementer(IHalfCloseableProtocol)
+class LocalWorker(_Frames):
+    """Runs each request as one qmail-local in a thread and answers with its Outcome.
+
+    When the server closes stdin, the deliveries in progress still finish and
+    send their answers; then the child ends."""
+
+    def __init__(self, reactor, home: Path, settings: Callable[[], Settings], users: UserDB,
+                 pool: ThreadPool) -> None:
+        super().__init__(self._request)
+        self.reactor = reactor
+        self.home = home
+        self.settings = settings
+        self.users = users
+        self.pool = pool
+        self.running = 0
+        self.stdin_closed = False
+        self.stdout_closed = False
+
+    def _request(self, request: list) -> None:
+        number, *job = request
+        self.running += 1
+        done = deferToThreadPool(self.reactor, self.pool, self._deliver, *job)
+        done.addErrback(self._crashed)
+        done.addCallback(self._answer, number)
+
+    def _deliver(self, recipient: str, sender: str, queue_file: str, offset: int, size: int) -> Outcome:
+        try:
+            fd = os.open(queue_file, os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                body = os.pread(fd, size, offset)
+            finally:
+                os.close(fd)
+        except OSError as error:
+            return Outcome.deferral(f"Unable to read the queued message: {error.strerror}. (#4.3.0)")
+        return local.deliver(self.home, self.settings(), self.users, recipient, sender, body)
+
+    @staticmethod
+    def _crashed(failure: Failure) -> Outcome:
+        """A bug must not lose the message: log it, and the scheduler retries."""
+        log.failure("lspawn: a delivery crashed", failure)
+        return Outcome.deferral(f"Internal error: {failure.value!r}. (#4.3.0)")
+
+    def _answer(self, outcome: Outcome, number: int) -> None:
+        self.running -= 1
+        self.send([number, outcome.kind, outcome.text, list(outcome.forwards)])
+        self._end_when_idle()
+
+    def readConnectionLost(self) -> None:
+        self.stdin_closed = True
+        self._end_when_idle()
+
+    def writeConnectionLost(self) -> None:
+        """The server is gone: answers are lost, the queue retries those deliveries."""
+        self.stdout_closed = True
+        self._end_when_idle()
+
+    def _end_when_idle(self) -> None:
+        if not self.stdin_closed or self.running:
+            return
+        if self.stdout_closed:
+            self.connectionLost()
+        else:
+            self.transport.loseConnection()  # connectionLost once the answers are written
+
+    def connectionLost(self, reason: Failure | None = None) -> None:
+        if self.reactor.running:
+            self.reactor.stop()
+
+
+def main(argv: list[str]) -> None:
+    """The child: ``argv`` is [HOME]; started by LocalSpawn only."""
+    from twisted.internet import reactor
+    from twisted.internet.stdio import StandardIO
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    # Control file errors are the server's to report; the child reports its own trouble.
+    only_trouble = LogLevelFilterPredicate(defaultLogLevel=LogLevel.error)
+    only_trouble.setLogLevelForNamespace("qtwist.control", LogLevel.critical)
+    globalLogBeginner.beginLoggingTo([FilteringLogObserver(textFileLogObserver(sys.stderr), [only_trouble])],
+                                     redirectStandardIO=False)
+    home = Path(argv[0])
+    control = ControlWatcher(home, reactor)
+    control.startService()
+    pool = ThreadPool(minthreads=0, maxthreads=MAX_THREADS, name="qtwist-local")
+    pool.start()
+    reactor.addSystemEventTrigger("during", "shutdown", pool.stop)
+    StandardIO(LocalWorker(reactor, home, lambda: control.settings, UserDB(home), pool))
+    reactor.run(installSignalHandlers=False)
+
