@@ -59,6 +59,10 @@ RESTART_DELAY = 1.0
 STOP_GRACE = 10.0
 # Threads in the child: the scheduler's concurrencylocal is the real limit.
 MAX_THREADS = 1000
+# The child's reactor thread reads requests and writes answers between the
+# delivery threads' system calls; with Python's default 5 ms it waits that
+# long for the GIL, and deliveries wait for it (about 6% fewer msgs/s).
+SWITCH_INTERVAL = 0.0005
 # The child imports exactly what the server did: the same sys.path, not one
 # that starts with the current directory (which may hold another qtwist).
 CHILD_MAIN = ("import json, sys; sys.path[:] = json.loads(sys.argv[1]); "
@@ -265,6 +269,7 @@ def main(argv: list[str]) -> None:
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    sys.setswitchinterval(SWITCH_INTERVAL)
     # Control file errors are the server's to report; the child reports its own trouble.
     only_trouble = LogLevelFilterPredicate(defaultLogLevel=LogLevel.error)
     only_trouble.setLogLevelForNamespace("qtwist.control", LogLevel.critical)
