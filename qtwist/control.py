@@ -518,7 +518,7 @@ class ControlWatcher(Service):
 
     def startService(self) -> None:
         super().startService()
-        self._loop = LoopingCall(self._poll)
+        self._loop = LoopingCall(self.poll)
         self._loop.clock = self._time()
         self._loop.start(self.interval, now=False)
         if self._owns_signals():
@@ -541,7 +541,8 @@ class ControlWatcher(Service):
         self._stamps = self._stat_all()
         return self._refresh(control=True, tcp=True, forced=True)
 
-    def _poll(self) -> None:
+    def poll(self) -> None:
+        """Reload what changed since the last look (the LoopingCall's job)."""
         # An exception would stop the LoopingCall for good, so log it and go on.
         try:
             stamps = self._stat_all()

@@ -21,6 +21,7 @@ from twisted.trial.unittest import TestCase
 from qtwist import lspawn
 from qtwist.lspawn import LocalSpawn
 from qtwist.queue import Queue, QueuedMessage
+from qtwist.users import UserDB
 from serverutil import DEADLINE, Server, make_home, wait_until
 
 DOMAIN = "example.test"
@@ -97,6 +98,20 @@ class LocalSpawnTests(TestCase):
         self.assertEqual(outcome.kind, "success")
         (stored,) = self.mailbox()
         self.assertTrue(stored.startswith(b"Return-Path: <caf\xe9@remote.test>\n"), stored[:60])
+
+    async def test_a_domain_added_while_running_is_delivered_to(self) -> None:
+        message = await self.queued()
+        outcome = await self.spawn.deliver(message, "dan@new.test")
+        self.assertEqual(outcome.kind, "failure")
+        users = UserDB(self.home)
+        users.add_domain("new.test")
+        users.add_user("dan@new.test", "secret-Passw0rd")
+        # The child looks at the control files and domains/ about once a second.
+        deadline = reactor.seconds() + DEADLINE
+        while (outcome := await self.spawn.deliver(message, "dan@new.test")).kind != "success":
+            self.assertLess(reactor.seconds(), deadline, f"still {outcome}")
+            await task.deferLater(reactor, 0.05, lambda: None)
+        self.assertEqual(len(list((self.home / "domains" / "new.test" / "dan" / "Maildir" / "new").iterdir())), 1)
 
     async def test_forwards_come_back_to_the_server(self) -> None:
         addresses = [f"member{number}@lists.test" for number in range(3000)]
