@@ -177,17 +177,23 @@ class LocalSpawn:
     def _spawn(self) -> None:
         child = _Child(self._child_ended)
         argv = [sys.executable, "-c", CHILD_MAIN, json.dumps(sys.path), os.fsdecode(self.home)]
-        self.reactor.spawnProcess(child, sys.executable, argv, env=dict(os.environ),
-                                  childFDs={0: "w", 1: "r", 2: "r"})
+        try:
+            self.reactor.spawnProcess(child, sys.executable, argv, env=dict(os.environ),
+                                      childFDs={0: "w", 1: "r", 2: "r"})
+        except OSError as error:  # out of processes or file descriptors: try again soon
+            self._respawn(f"cannot start the local delivery process: {error.strerror or error}")
+            return
         self._child = child
 
     def _child_ended(self, child: _Child) -> None:
         if child is not self._child:
             return
         self._child = None
+        self._respawn("the local delivery process ended")
+
+    def _respawn(self, why: str) -> None:
         if self._running:
-            log.error("lspawn: the local delivery process ended; starting a new one in {delay} s",
-                      delay=RESTART_DELAY)
+            log.error("lspawn: {why}; starting a new one in {delay} s", why=why, delay=RESTART_DELAY)
             self._restart = self.reactor.callLater(RESTART_DELAY, self._spawn)
 
     @staticmethod
