@@ -56,6 +56,15 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
+def listening(host: str, port: int) -> bool:
+    """Someone accepts connections on host:port."""
+    try:
+        socket.create_connection((host, port), timeout=1).close()
+        return True
+    except OSError:
+        return False
+
+
 def wait_until(predicate, timeout: float, step: float = 0.05) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -148,13 +157,7 @@ def main() -> int:
         command += ["--nameserver", f"127.0.0.1:{dns.address[1]}"]
     server = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
     try:
-        def listening() -> bool:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                return True
-            except OSError:
-                return False
-        if not wait_until(listening, 20):
+        if not wait_until(lambda: listening("127.0.0.1", port), 20):
             print(f"server did not start; see {work / 'twistd.log'}", file=sys.stderr)
             return 1
         body = make_body(args.size)

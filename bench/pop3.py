@@ -29,7 +29,6 @@ import asyncio
 import os
 import resource
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -38,7 +37,7 @@ import time
 from pathlib import Path
 
 from accept import _cpu as server_cpu
-from accept import free_port, tool, wait_until
+from accept import free_port, listening, tool, wait_until
 from qtwist.users import UserDB
 
 DOMAIN = "bench.test"
@@ -196,13 +195,7 @@ def main() -> int:
                                "--pop3", f"tcp:{port}:interface={HOST}"],
                               stdout=log, stderr=subprocess.STDOUT)
     try:
-        def listening() -> bool:
-            try:
-                socket.create_connection((HOST, port), timeout=1).close()
-                return True
-            except OSError:
-                return False
-        if not wait_until(listening, 30):
+        if not wait_until(lambda: listening(HOST, port), 30):
             print(f"server did not start; see {work / 'twistd.log'}", file=sys.stderr)
             return 1
 

@@ -47,7 +47,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from accept import _cpu as cpu_seconds
-from accept import qtwist, tool, wait_until
+from accept import listening, qtwist, tool, wait_until
 from qtwist.queue import SEGMENT_LIMIT, Recipient, deferral_record, message_record
 
 SMTP_SINK = "/usr/sbin/smtp-sink"
@@ -58,14 +58,6 @@ def free_port(host: str) -> int:
     with socket.socket() as probe:
         probe.bind((host, 0))
         return probe.getsockname()[1]
-
-
-def listening(host: str, port: int) -> bool:
-    try:
-        socket.create_connection((host, port), timeout=1).close()
-        return True
-    except OSError:
-        return False
 
 
 def greets(port: int) -> bool:
