@@ -48,7 +48,7 @@ from pathlib import Path
 
 from accept import _cpu as cpu_seconds
 from accept import listening, qtwist, tool, wait_until
-from qtwist.queue import SEGMENT_LIMIT, Recipient, deferral_record, message_record
+from qtwist.queue.records import SEGMENT_LIMIT, Recipient, deferral_record, message_record
 
 SMTP_SINK = "/usr/sbin/smtp-sink"
 SENDER = "bench@source.test"
@@ -318,7 +318,7 @@ def fill_deferred_queue(home: Path, count: int, size: int, domain: str) -> float
                 handle.close()
             handle, written = open(seg_dir / f"{number:012d}", "wb"), 0
         born = now - random.uniform(600, 86400)
-        recipient = Recipient(f"user{number}@{domain}", "remote")
+        recipient = Recipient(f"user{number}@{domain}")
         record, _ = message_record(number, born, SENDER, [recipient], body)
         record += deferral_record(number, 0, now + 86400 + random.uniform(0, 3600),
                                   "Connected to 127.0.0.20 but sender was rejected./Remote host said: 450 later")

@@ -140,7 +140,7 @@ def _qread_date(born: float) -> str:
 
 
 def _qstat(args: argparse.Namespace) -> None:
-    from qtwist.queue import queue_stat
+    from qtwist.queue.admin import queue_stat
 
     with _queue_errors():
         total, todo = queue_stat(args.home)
@@ -149,9 +149,14 @@ def _qstat(args: argparse.Namespace) -> None:
 
 
 def _qread(args: argparse.Namespace) -> None:
-    """qmail-qread's listing: a line per message, then local and remote recipients."""
-    from qtwist.queue import PENDING, queue_read
+    """qmail-qread's listing: a line per message, then local and remote
+    recipients (routed as the server routes them, by the control files in force)."""
+    from qtwist import control
+    from qtwist.policy import channel_for
+    from qtwist.queue import PENDING
+    from qtwist.queue.admin import queue_read
 
+    settings, _ = control.load(args.home)
     with _queue_errors():
         messages = queue_read(args.home)
     for message in messages:
@@ -159,14 +164,14 @@ def _qread(args: argparse.Namespace) -> None:
                          f"<{message.sender}> "))
         for channel in ("local", "remote"):
             for recipient in message.recipients:
-                if recipient.channel == channel:
+                if channel_for(recipient.address, settings) == channel:
                     # qmail marks a recipient done once it is delivered or bounced.
                     done = "  done" if recipient.state != PENDING else ""
                     print(f"{done}\t{channel}\t{_printable(recipient.address)}")
 
 
 def _queue(args: argparse.Namespace) -> None:
-    from qtwist.queue import queue_flush, queue_remove
+    from qtwist.queue.admin import queue_flush, queue_remove
 
     with _queue_errors():
         if args.action == "flush":

@@ -25,6 +25,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
+from qtwist.fsutil import Signature, StatCache, stat_signature
 from qtwist.rules import Rules
 
 LISTENER_NAMES = ("smtp", "submission", "smtps", "pop3", "pop3s")
@@ -374,40 +375,7 @@ def _entries(text: str) -> Entries:
 
 # -- reading with a stat cache ---------------------------------------------------
 
-Signature = tuple[int, int, int]
-
-_cache: dict[str, tuple[Signature, str]] = {}
-_cache_lock = threading.Lock()
-
-
-def _signature(path: Path) -> Signature | None:
-    """What tells us a file changed without reading it; None if it is absent."""
-    try:
-        status = path.stat()
-    except (FileNotFoundError, NotADirectoryError):
-        return None
-    return (status.st_mtime_ns, status.st_size, status.st_ino)
-
-
-def _read(path: Path, reread: bool) -> str | None:
-    """The file's text, from the cache while its stat is unchanged; None if absent.
-    Raises OSError when it exists but cannot be read."""
-    key = str(path)
-    signature = _signature(path)
-    if signature is None:
-        with _cache_lock:
-            _cache.pop(key, None)
-        return None
-    with _cache_lock:
-        cached = _cache.get(key)
-    if cached is not None and cached[0] == signature and not reread:
-        return cached[1]
-    # A change between the stat and the read leaves an old signature with new
-    # text, so the next look re-reads: stale never sticks.
-    text = path.read_bytes().decode("utf-8", "replace")
-    with _cache_lock:
-        _cache[key] = (signature, text)
-    return text
+_texts: StatCache[str] = StatCache(lambda path: path.read_bytes().decode("utf-8", "replace"))
 
 
 def load(home: Path, previous: Settings | None = None, *, reread: bool = False) -> tuple[Settings, list[str]]:
@@ -428,7 +396,7 @@ def load(home: Path, previous: Settings | None = None, *, reread: bool = False) 
         where = f"control/{name}"
         origins[name] = "default"
         try:
-            text = _read(control / name, reread)
+            text = _texts.get(control / name, reread)
         except OSError as problem:
             errors.append(f"{where}: cannot read: {problem.strerror or problem}")
             failed.add(field_name)
@@ -606,7 +574,7 @@ class ControlWatcher(Service):
         control = self.home / "control"
         paths = [control / name for name, _, _ in CONTROLS]
         paths += [control / "servercert.pem", self.home / "tcp.smtp", self.home / "domains"]
-        return {path: _signature(path) for path in paths}
+        return {path: stat_signature(path) for path in paths}
 
     def _time(self) -> IReactorTime:
         if self._clock is not None:

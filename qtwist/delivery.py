@@ -1,9 +1,13 @@
-"""What one delivery attempt to one recipient came to, in qmail-send's terms."""
+"""What one delivery attempt to one recipient came to, in qmail-send's terms,
+and the two channels the scheduler hands deliveries to."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
+
+from twisted.internet.defer import Deferred
+from zope.interface import Interface
 
 Kind = Literal["success", "deferral", "failure"]
 
@@ -29,3 +33,25 @@ class Outcome:
     @classmethod
     def failure(cls, text: str) -> "Outcome":
         return cls("failure", text)
+
+
+class ILocalDelivery(Interface):
+    """qmail-lspawn's side of the scheduler: local recipients, one at a time."""
+
+    def start() -> None:
+        """Get ready to deliver (the scheduler starts)."""
+
+    def stop() -> Deferred:
+        """Finish what is held, then stop (the scheduler has stopped starting deliveries)."""
+
+    def deliver(message: Any, recipient: str) -> Deferred:
+        """Deliver the queued ``message`` to the local ``recipient``: fires with an
+        Outcome, never fails."""
+
+
+class IRemoteDelivery(Interface):
+    """qmail-rspawn's side of the scheduler: the recipients of one remote domain at a time."""
+
+    def deliver(settings: Any, domain: str, sender: str, recipients: list[str], message: bytes) -> Deferred:
+        """One transaction carrying ``message`` to ``recipients`` (all in ``domain``):
+        fires with one Outcome per recipient, in order, never fails."""

@@ -11,7 +11,6 @@ never wait on each other, a grant costs one ``utime`` and a check one
 from __future__ import annotations
 
 import functools
-import ipaddress
 import os
 import time
 from pathlib import Path
@@ -24,6 +23,8 @@ from twisted.internet.task import LoopingCall
 from twisted.internet.threads import deferToThread
 from twisted.logger import Logger
 
+from qtwist.login import normal_ip
+
 if TYPE_CHECKING:
     from qtwist.control import Settings
 
@@ -35,17 +36,10 @@ _IPV6_SEPARATOR = "_"
 
 @functools.lru_cache(maxsize=65536)
 def grant_name(ip: str) -> str:
-    """The file name for ``ip``, canonical so every spelling of one address shares a file.
-
-    An IPv4-mapped IPv6 address (``::ffff:1.2.3.4``, what a dual-stack
-    listener reports) is the IPv4 address; a scope (``%eth0``) is dropped.
-    Raises ValueError for anything that is not an IP address, so no name can
-    leave the directory.
-    """
-    address = ipaddress.ip_address(ip.split("%", 1)[0])
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        address = address.ipv4_mapped
-    return address.compressed.replace(":", _IPV6_SEPARATOR)
+    """The file name for ``ip``, canonical (``login.normal_ip``) so every
+    spelling of one address shares a file.  Raises ValueError for anything
+    that is not an IP address, so no name can leave the directory."""
+    return normal_ip(ip).replace(":", _IPV6_SEPARATOR)
 
 
 def _ip_from_name(name: str) -> str:

@@ -25,7 +25,7 @@ from typing import BinaryIO, Mapping
 
 from qtwist.control import Settings, load
 from qtwist.policy import with_default_host
-from qtwist.queue import drop_todo
+from qtwist.queue.todo import drop_todo
 
 
 class InjectError(Exception):

@@ -7,30 +7,32 @@ Maildir, then ``.qmail-default``.  A domain in ``locals`` without a domains/
 folder has qmail's ~alias: HOME/alias/.qmail-*.  The wording of every result
 is qmail's or vpopmail's, since admins and users grep logs and bounces for it.
 
-Everything here blocks on the disk: the caller runs ``deliver`` in a worker
-thread.  Forwards are returned, not sent: the caller queues them.
+Everything here blocks on the disk: the qmail-lspawn child (lspawn.py) runs
+``deliver`` in its delivery threads, and the chkuser plugin runs
+``mailbox_check`` in a worker thread.  Maildir itself (names, fsyncs,
+quotas) is maildir.py's.  Forwards are returned, not sent: the scheduler
+queues them.
 """
 
 from __future__ import annotations
 
 import errno
 import fcntl
-import itertools
 import os
 import re
 import shlex
 import signal
-import socket
 import stat
 import subprocess
-import threading
 import time
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from qtwist import maildir
 from qtwist.delivery import Outcome
+from qtwist.fsutil import write_all
 from qtwist.users import BOUNCE_MAIL, User, UserDB
 
 if TYPE_CHECKING:
@@ -47,11 +49,6 @@ DELETED = "discarded by vdelivermail delete"
 PROGRAM_TIMEOUT = 600.0
 # qmail-local's patience with a locked mbox.
 MBOX_LOCK_TIMEOUT = 30.0
-# Maildir++: a maildirsize file larger than this is rebuilt from the folder.
-MAILDIRSIZE_MAX = 5120
-# Maildir++: an over-quota verdict from a maildirsize older than this is checked
-# against the folder again (a POP3 client may have deleted mail meanwhile).
-MAILDIRSIZE_STALE = 15 * 60
 # What qmail-local does with an empty dot-qmail file (qmail-start's usual argument).
 ALIASEMPTY = "./Maildir/"
 
@@ -61,12 +58,7 @@ _HARD_EXITS = frozenset({100, 64, 65, 70, 76, 77, 78, 112})
 # (qmail-local skips anything that is not a regular file, a folder included).
 _ABSENT = frozenset({errno.ENOENT, errno.ENOTDIR, errno.EISDIR, errno.ENAMETOOLONG})
 _PATRN = 0o002  # qmail's conf-patrn: a world-writable dot-qmail is not trusted
-_SIZE_IN_NAME = re.compile(r",S=(\d+)")
 _FROM_LINE = re.compile(rb"^(>*From )", re.MULTILINE)
-# Maildir unique names need the host name without '/' and ':' (the Maildir spec's escapes).
-_HOST = socket.gethostname().replace("/", "\\057").replace(":", "\\072")
-# next() on a count is atomic under the GIL: unique per process across threads.
-_sequence = itertools.count(1)
 
 
 class _Stop(Exception):
@@ -238,7 +230,7 @@ def mailbox_check(home: Path, settings: Settings, users: UserDB, recipient: str)
             return "unknown"
         quota = user.quota_bytes
         try:
-            if quota is not None and _quota_used(user.maildir, quota) >= quota:
+            if quota is not None and maildir.quota_used(user.maildir, quota) >= quota:
                 return "full"
         except OSError:
             pass  # no Maildir yet: delivery makes it
@@ -328,242 +320,35 @@ def _deliver_user(delivery: _Delivery, user: User) -> None:
     """The user's Maildir, under the vpasswd quota, as vdelivermail delivers."""
     if user.gid & BOUNCE_MAIL:
         raise _Stop(Outcome.failure(ACCOUNT_LOCKED))
-    maildir = user.maildir
     size = len(delivery.data)
     quota = user.quota_bytes
-    if quota is not None:
-        _check_quota(maildir, quota, size)
-    _write_maildir(maildir, delivery.data, create=True)
+    # vpopmail defers a message over quota; the scheduler bounces it at queuelifetime.
+    if quota is not None and not maildir.quota_allows(user.maildir, quota, size):
+        raise _Stop(Outcome.deferral(OVER_QUOTA))
+    _write_maildir(user.maildir, delivery.data, create=True)
     delivery.files += 1
     if quota is not None:
-        _note_in_maildirsize(maildir, size)
+        maildir.note_delivered(user.maildir, size)
 
 
 # -- Maildir -----------------------------------------------------------------------------------
 
 
-def _write_maildir(maildir: Path, data: bytes, create: bool) -> None:
-    """tmp/NAME, fsync, rename to new/NAME, fsync new/: once this returns, the message
-    survives a crash.  ``create`` makes a user's missing Maildir folders."""
-    now = time.time()
-    seconds = int(now)
-    name = (f"{seconds}.M{int((now - seconds) * 1_000_000)}P{os.getpid()}Q{next(_sequence)}"
-            f".{_HOST},S={len(data)}")
-    tmp_path = f"{maildir}/tmp/{name}"
-    new_dir = f"{maildir}/new"
-    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
+def _write_maildir(target: Path, data: bytes, create: bool) -> None:
     try:
-        try:
-            fd = os.open(tmp_path, flags, 0o600)
-        except FileNotFoundError:
-            if not create:
-                raise
-            for sub in ("tmp", "new", "cur"):
-                os.makedirs(f"{maildir}/{sub}", mode=0o700, exist_ok=True)
-            fd = os.open(tmp_path, flags, 0o600)
-        try:
-            _write_all(fd, data)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.rename(tmp_path, f"{new_dir}/{name}")
+        maildir.deliver(target, data, create)
     except OSError as error:
-        _unlink_quietly(tmp_path)
-        raise _Stop(Outcome.deferral(_maildir_trouble(maildir, error)))
-    try:
-        _directory_syncs.sync(new_dir)
-    except OSError as error:
-        raise _Stop(Outcome.deferral(_maildir_trouble(maildir, error)))
+        raise _Stop(Outcome.deferral(_maildir_trouble(target, error)))
 
 
-def _maildir_trouble(maildir: Path, error: OSError) -> str:
+def _maildir_trouble(target: Path, error: OSError) -> str:
     if error.errno in (errno.ENOSPC, errno.EDQUOT):
         code = "4.3.1"  # mail system full
     elif error.errno == errno.ENOENT:
         code = "4.2.1"  # no such Maildir: qmail-local's "Unable to chdir to maildir"
     else:
         code = "4.3.0"
-    return f"Unable to deliver to maildir {maildir}: {_os_text(error)}. (#{code})"
-
-
-def _write_all(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view):]
-
-
-def _fsync_dir(directory: str) -> None:
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-class _DirectorySync:
-    __slots__ = ("requested", "synced", "syncing", "waiting")
-
-    def __init__(self) -> None:
-        self.requested = self.synced = self.waiting = 0
-        self.syncing = False
-
-
-class DirectorySyncs:
-    """Directory fsyncs shared between delivery threads: one fsync of new/
-    makes durable every rename into it that happened before it started, so
-    deliveries arriving together into one Maildir wait for one fsync, not one
-    each (group commit)."""
-
-    def __init__(self) -> None:
-        self._changed = threading.Condition()
-        self._directories: dict[str, _DirectorySync] = {}
-
-    def sync(self, directory: str) -> None:
-        """Return once a rename into ``directory`` done before this call is durable."""
-        with self._changed:
-            state = self._directories.get(directory)
-            if state is None:
-                state = self._directories[directory] = _DirectorySync()
-            state.requested += 1
-            ticket = state.requested
-            state.waiting += 1
-            try:
-                while state.synced < ticket:
-                    if state.syncing:
-                        self._changed.wait()
-                        continue
-                    self._sync(directory, state)
-            finally:
-                state.waiting -= 1
-                if not state.waiting:
-                    del self._directories[directory]
-
-    def _sync(self, directory: str, state: _DirectorySync) -> None:
-        """fsync with the lock released; a failure is raised to this caller and
-        leaves the others to try again."""
-        state.syncing = True
-        covers = state.requested
-        self._changed.release()
-        try:
-            _fsync_dir(directory)
-        finally:
-            self._changed.acquire()
-            state.syncing = False
-            self._changed.notify_all()
-        state.synced = max(state.synced, covers)
-
-
-_directory_syncs = DirectorySyncs()
-
-
-def _unlink_quietly(path: str) -> None:
-    try:
-        os.unlink(path)
-    except OSError:
-        pass  # never created, or already renamed
-
-
-# -- Maildir++ quota ---------------------------------------------------------------------------
-
-
-def _check_quota(maildir: Path, quota: int, size: int) -> None:
-    """Defer when the message would take the Maildir over ``quota`` bytes (vpopmail
-    defers; the scheduler bounces at queuelifetime)."""
-    if _quota_used(maildir, quota, size) + size > quota:
-        raise _Stop(Outcome.deferral(OVER_QUOTA))
-
-
-def _quota_used(maildir: Path, quota: int, size: int = 0) -> int:
-    """Bytes in use, from maildirsize (rebuilt when missing, or when stale and
-    a message of ``size`` would not fit)."""
-    spec = f"{quota}S"
-    path = maildir / "maildirsize"
-    used = _usage_from_maildirsize(path, spec)
-    if used is None:
-        return _rebuild_maildirsize(maildir, spec)
-    if used + size > quota and _is_stale(path):
-        return _rebuild_maildirsize(maildir, spec)
-    return used
-
-
-def _usage_from_maildirsize(path: Path, spec: str) -> int | None:
-    """Bytes in use per maildirsize, or None when the file must be rebuilt."""
-    try:
-        with open(path, "rb") as handle:
-            raw = handle.read(MAILDIRSIZE_MAX + 1)
-    except FileNotFoundError:
-        return None
-    if len(raw) > MAILDIRSIZE_MAX:
-        return None
-    lines = raw.decode("ascii", "replace").split("\n")
-    if lines[0].strip() != spec:
-        return None
-    used = 0
-    for line in lines[1:]:
-        fields = line.split()
-        if not fields:
-            continue
-        try:
-            used += int(fields[0])
-        except ValueError:
-            return None
-    return used
-
-
-def _is_stale(path: Path) -> bool:
-    try:
-        return time.time() - os.stat(path).st_mtime > MAILDIRSIZE_STALE
-    except FileNotFoundError:
-        return True
-
-
-def _rebuild_maildirsize(maildir: Path, spec: str) -> int:
-    """Count new/ and cur/ (sizes from ``,S=`` in names, else stat) and write maildirsize."""
-    used = count = 0
-    for sub in ("new", "cur"):
-        try:
-            entries = list(os.scandir(maildir / sub))
-        except FileNotFoundError:
-            continue
-        for entry in entries:
-            if entry.name.startswith("."):
-                continue
-            match = _SIZE_IN_NAME.search(entry.name.partition(":")[0])
-            if match:
-                used += int(match.group(1))
-            else:
-                try:
-                    used += entry.stat().st_size
-                except FileNotFoundError:
-                    continue  # moved from new/ to cur/ by a reader meanwhile
-            count += 1
-    tmp_path = f"{maildir}/tmp/maildirsize.{os.getpid()}.{next(_sequence)}"
-    try:
-        fd = os.open(tmp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-        try:
-            _write_all(fd, f"{spec}\n{used} {count}\n".encode("ascii"))
-        finally:
-            os.close(fd)
-        os.rename(tmp_path, maildir / "maildirsize")
-    except OSError:
-        # Only a cache: the count above stands, the next delivery tries again.
-        _unlink_quietly(tmp_path)
-    return used
-
-
-def _note_in_maildirsize(maildir: Path, size: int) -> None:
-    """Maildir++: one ``size 1`` line per delivered message."""
-    try:
-        fd = os.open(maildir / "maildirsize", os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC,
-                     0o600)
-    except OSError:
-        return  # the message is delivered; a stale cache is rebuilt when it looks wrong
-    try:
-        os.write(fd, f"{size} 1\n".encode("ascii"))
-    except OSError:
-        pass  # as above
-    finally:
-        os.close(fd)
+    return f"Unable to deliver to maildir {target}: {_os_text(error)}. (#{code})"
 
 
 # -- mbox ---------------------------------------------------------------------------------------
@@ -588,7 +373,7 @@ def _append_mbox(path: Path, delivery: _Delivery) -> None:
         locked = _lock(fd)
         start = os.lseek(fd, 0, os.SEEK_END)
         try:
-            _write_all(fd, entry)
+            write_all(fd, entry)
             os.fsync(fd)
         except OSError as error:
             if locked:

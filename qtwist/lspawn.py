@@ -40,10 +40,11 @@ from twisted.internet.protocol import ProcessProtocol
 from twisted.logger import Logger
 from twisted.protocols.basic import Int32StringReceiver
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
 from qtwist import local
 from qtwist.control import ControlWatcher, Settings
-from qtwist.delivery import Outcome
+from qtwist.delivery import ILocalDelivery, Outcome
 from qtwist.queue import QueuedMessage
 from qtwist.users import UserDB
 
@@ -139,6 +140,7 @@ class _Child(ProcessProtocol):
         self.gone.callback(reason.value)
 
 
+@implementer(ILocalDelivery)
 class LocalSpawn:
     """The server's handle on the child; ``deliver`` is qmail-lspawn's one request."""
 

@@ -8,15 +8,15 @@ of it.  This one keeps what made it worth a look: commands are answered in
 order, one at a time, while slow work (password hashing, directory scans,
 deletions) runs in worker threads, and RETR/TOP stream from the file.
 
-Logins go through the same cred portal and per-IP failure throttle as SMTP
-AUTH, so vpasswd flags, hashing in worker threads and the lock-out of a
-guessing client work alike for both.
+Logins go through the same flow as SMTP AUTH (login.py), so the user
+store's flags, hashing in worker threads and the lock-out of a guessing
+client work alike for both.
 
-Maildir handling follows the Maildir spec as qmail-pop3d does: at login new/
-moves to cur/ with ``:2,`` info, DELE only marks, QUIT unlinks (and flags what
-RETR sent with S, a courtesy to IMAP readers of the same Maildir); unlike
-qmail-pop3d the STAT/LIST sizes are the exact octets sent (CRLF line ends),
-as RFC 1939 asks.
+The maildrop follows the Maildir spec as qmail-pop3d does (maildir.py): at
+login new/ moves to cur/ with ``:2,`` info, DELE only marks, QUIT unlinks
+(and flags what RETR sent with S, a courtesy to IMAP readers of the same
+Maildir); unlike qmail-pop3d the STAT/LIST sizes are the exact octets sent
+(CRLF line ends), as RFC 1939 asks.
 """
 
 from __future__ import annotations
@@ -25,21 +25,15 @@ import hashlib
 import inspect
 import os
 import secrets
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Callable, Coroutine, Iterator
 
-from twisted.cred.credentials import ICredentials, UsernamePassword
-from twisted.cred.error import UnauthorizedLogin
-from twisted.cred.portal import Portal
-from twisted.internet.address import IPv4Address, IPv6Address
+from twisted.cred.credentials import ICredentials
 from twisted.internet.defer import Deferred
 from twisted.internet.error import ConnectionLost
-from twisted.internet.interfaces import (IPullProducer, IReactorTime, ISSLTransport, ITCPTransport,
-                                         ITLSTransport)
+from twisted.internet.interfaces import IPullProducer, IReactorTime, ITCPTransport
 from twisted.internet.protocol import ServerFactory
-from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThread
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -47,10 +41,11 @@ from twisted.protocols.basic import LineReceiver
 from twisted.protocols.policies import TimeoutMixin
 from zope.interface import implementer
 
+from qtwist import maildir
 from qtwist.grants import Grants
-from qtwist.throttle import FailureThrottle
-from qtwist.tls import tls_ready
-from qtwist.users import APOPCredentials, IMailUser, User
+from qtwist.login import NO_IP, APOPCredentials, Logins, PlainCredentials, Refusal, client_address
+from qtwist.tls import can_upgrade, is_encrypted
+from qtwist.users import User
 
 if TYPE_CHECKING:
     from qtwist.control import Settings
@@ -65,6 +60,11 @@ CHUNK_SIZE = 65536
 _MAX_UID_LENGTH = 70  # RFC 1939 §7
 
 AUTHORIZATION, TRANSACTION, UPDATE = "AUTHORIZATION", "TRANSACTION", "UPDATE"
+REFUSED = {
+    Refusal.WRONG: "-ERR [AUTH] authorization failed",
+    Refusal.BLOCKED: "-ERR [SYS/TEMP] too many failed logins from your address, try again later",
+    Refusal.UNAVAILABLE: "-ERR [SYS/TEMP] unable to check the password now, try again later",
+}
 
 # What a command handler returns: None when it has replied, or the work still to do.
 Outcome = Coroutine[object, object, None] | None
@@ -165,7 +165,7 @@ def dot_stuffed(chunks: Iterator[bytes]) -> Iterator[bytes]:
 
 
 # ---------------------------------------------------------------------------
-# The maildrop (blocking functions: they run in worker threads).
+# The session's maildrop (``measure`` blocks: it runs in worker threads).
 # ---------------------------------------------------------------------------
 
 
@@ -181,66 +181,15 @@ class Message:
 
 
 def unique_id(file_name: str) -> str:
-    """The UIDL of a Maildir file: its unique name (before ':'), which never changes.
+    """The UIDL of a Maildir file: its unique name, which never changes.
 
     RFC 1939 allows only 1–70 characters 0x21–0x7E; a name outside that (an
     odd delivery agent's) is replaced by a digest of it, still stable.
     """
-    unique = file_name.split(":", 1)[0]
+    unique = maildir.unique_part(file_name)
     if 0 < len(unique) <= _MAX_UID_LENGTH and all(0x21 <= ord(char) <= 0x7E for char in unique):
         return unique
     return hashlib.md5(unique.encode("utf-8", "surrogateescape")).hexdigest()
-
-
-def with_seen_flag(file_name: str) -> str:
-    """The Maildir name with the S (seen) flag, flags kept in ASCII order as the spec asks."""
-    unique, colon, info = file_name.partition(":")
-    if not colon:
-        return f"{unique}:2,S"
-    if not info.startswith("2,") or "S" in info[2:]:
-        return file_name  # already seen, or an info field we do not understand
-    return f"{unique}:2,{''.join(sorted(info[2:] + 'S'))}"
-
-
-def _visible_files(folder: Path) -> list[os.DirEntry[str]]:
-    try:
-        entries = list(os.scandir(folder))
-    except FileNotFoundError:
-        return []
-    visible = []
-    for entry in entries:
-        try:
-            if not entry.name.startswith(".") and entry.is_file(follow_symlinks=False):
-                visible.append(entry)
-        except OSError:
-            continue
-    return visible
-
-
-def open_maildrop(maildir: Path) -> list[Message]:
-    """Move new/ into cur/ and list cur/ in delivery order (mtime, then name).
-
-    The rename keeps the unique name, so a crash before it is durable only
-    means the message is found in new/ again, with the same UIDL.
-    """
-    new, cur = maildir / "new", maildir / "cur"
-    arrived = _visible_files(new)
-    if arrived:
-        cur.mkdir(exist_ok=True)
-    for entry in arrived:
-        target = entry.name if ":" in entry.name else f"{entry.name}:2,"
-        try:
-            os.rename(entry.path, cur / target)
-        except FileNotFoundError:
-            continue  # taken away meanwhile
-    listed = []
-    for entry in _visible_files(cur):
-        try:
-            listed.append((entry.stat(follow_symlinks=False).st_mtime, entry.name))
-        except FileNotFoundError:
-            continue
-    listed.sort()
-    return [Message(cur / name, unique_id(name)) for _, name in listed]
 
 
 def measure(paths: list[Path]) -> list[int]:
@@ -254,58 +203,12 @@ def measure(paths: list[Path]) -> list[int]:
     return sizes
 
 
-def _fsync_directory(folder: Path) -> None:
-    try:
-        descriptor = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
-    except FileNotFoundError:
-        return
-    try:
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)
-
-
-def update_maildrop(maildir: Path, deleted: list[Path], seen: list[Path]) -> int:
-    """QUIT's changes: unlink the deleted messages, durably, and flag the retrieved
-    ones seen; return how many deletions failed.
-
-    new/ is synced first: the login's renames out of it must be on disk before
-    the unlinks, or a crash could bring a deleted message back in new/.  A
-    lost seen flag harms no one, so the renames get no sync of their own.
-    """
-    for path in seen:
-        flagged = path.with_name(with_seen_flag(path.name))
-        if flagged != path:
-            try:
-                os.rename(path, flagged)
-            except OSError:
-                continue  # the flag is a courtesy to other mail readers; the message was sent
-    if not deleted:
-        return 0
-    _fsync_directory(maildir / "new")
-    failures = 0
-    for path in deleted:
-        try:
-            os.unlink(path)
-        except FileNotFoundError:
-            continue  # already gone: the client's wish holds
-        except OSError:
-            failures += 1
-    _fsync_directory(maildir / "cur")
-    return failures
-
-
 def login_address(login: str) -> str:
     """``user%domain`` (for clients that cannot send '@' in a login) as ``user@domain``."""
     if "@" not in login and "%" in login:
         user, _, domain = login.rpartition("%")
         return f"{user}@{domain}"
     return login
-
-
-def _printable(text: str) -> str:
-    """Client text fit for one log line."""
-    return "".join(char if char.isprintable() else "?" for char in text)
 
 
 def _bytes(text: str) -> bytes:
@@ -399,7 +302,7 @@ class POP3Server(LineReceiver, TimeoutMixin):
         self._lock_key: str | None = None
         self._maildir: Path | None = None
         self._messages: list[Message] = []
-        self._client_ip: str | None = None
+        self._client_ip = NO_IP
         self._settings: Settings | None = None
         self._handlers: dict[str, tuple[tuple[str, ...], Callable[[str], Outcome]]] = {
             "USER": ((AUTHORIZATION,), self.do_USER),
@@ -421,11 +324,9 @@ class POP3Server(LineReceiver, TimeoutMixin):
     # -- connection --------------------------------------------------------------
 
     def connectionMade(self) -> None:
-        peer = self.transport.getPeer()
-        if isinstance(peer, (IPv4Address, IPv6Address)):
-            self._client_ip = peer.host
+        self._client_ip = client_address(self.transport)
         # True for implicit TLS (pop3s); STLS sets it later.
-        self._encrypted = ISSLTransport.providedBy(self.transport)
+        self._encrypted = is_encrypted(self.transport)
         # Replies are lock-step: Nagle's algorithm would hold a reply's last small piece
         # back until the client's delayed ACK, some 40 ms per command.  (A TLS wrapper
         # passes the call on to the TCP transport beneath it.)
@@ -437,7 +338,7 @@ class POP3Server(LineReceiver, TimeoutMixin):
         self._settings = self.factory.settings()
         # The APOP timestamp: a msg-id unique to this greeting (RFC 1939 §7).
         me = self._settings.me
-        self._timestamp = f"<{os.getpid()}.{secrets.token_hex(8)}.{int(time.time())}@{me}>"
+        self._timestamp = f"<{os.getpid()}.{secrets.token_hex(8)}.{int(self.factory.clock.seconds())}@{me}>"
         self._reply(f"+OK {self._timestamp}")
 
     def connectionLost(self, reason: object = None) -> None:
@@ -511,16 +412,12 @@ class POP3Server(LineReceiver, TimeoutMixin):
         """USER/PASS send the password itself: where control/pop3requiretls says so, only inside TLS."""
         return self._encrypted or not self._settings.pop3requiretls
 
-    def _tls_available(self) -> bool:
-        return (tls_ready(self.factory.tls_options) and not self._encrypted
-                and ITLSTransport.providedBy(self.transport))
-
     def do_CAPA(self, argument: str) -> None:
         capabilities = ["TOP", "UIDL"]
         if self._state == AUTHORIZATION and self._plaintext_allowed():
             capabilities.append("USER")
         capabilities += ["PIPELINING", "RESP-CODES", "AUTH-RESP-CODE"]
-        if self._state == AUTHORIZATION and self._tls_available():
+        if self._state == AUTHORIZATION and can_upgrade(self.transport, self.factory.tls_options, self._encrypted):
             capabilities.append("STLS")
         capabilities.append("IMPLEMENTATION qtwist")
         self._reply_lines("+OK capability list follows", capabilities)
@@ -529,7 +426,7 @@ class POP3Server(LineReceiver, TimeoutMixin):
         if self._encrypted:
             self._reply("-ERR already using TLS")
             return
-        if not self._tls_available():
+        if not can_upgrade(self.transport, self.factory.tls_options, self._encrypted):
             self._reply("-ERR STLS not available")
             return
         self._reply("+OK begin TLS negotiation")
@@ -558,7 +455,7 @@ class POP3Server(LineReceiver, TimeoutMixin):
             return None
         address = login_address(self._user_name)
         self._user_name = None
-        return self._login(address, UsernamePassword(_bytes(address), _bytes(argument)))
+        return self._login(PlainCredentials(_bytes(address), _bytes(argument)), "USER")
 
     def do_APOP(self, argument: str) -> Outcome:
         # Allowed in the clear whatever pop3requiretls says: APOP never sends the password.
@@ -567,49 +464,19 @@ class POP3Server(LineReceiver, TimeoutMixin):
             self._reply("-ERR syntax error")
             return None
         address = login_address(name)
-        return self._login(address, APOPCredentials(_bytes(address), _bytes(self._timestamp), _bytes(digest)))
+        return self._login(APOPCredentials(_bytes(address), _bytes(self._timestamp), _bytes(digest)), "APOP")
 
-    @property
-    def _throttle_key(self) -> str:
-        # Clients without an IP (a UNIX socket) share one count.
-        return self._client_ip or "local"
-
-    async def _login(self, address: str, credentials: ICredentials) -> None:
-        """Check the credentials through the portal, then grant relaying and open the maildrop.
-
-        A client IP that failed too often is refused before its password is
-        looked at; each failure is answered later than the one before.
-        """
-        throttle = self.factory.throttle
-        if throttle.blocked(self._throttle_key):
-            _log.info("pop3d: login refused for {address} from {ip}: too many failures",
-                      address=_printable(address), ip=self._client_ip)
-            self._reply("-ERR [SYS/TEMP] too many failed logins from your address, try again later")
-            return
-        try:
-            _, user, _ = await self.factory.portal.login(credentials, None, IMailUser)
-        except UnauthorizedLogin:
-            await self._login_failed(address)
-            return
-        except Exception:
-            _log.failure("pop3d: checking the password of {address} failed", address=_printable(address))
-            if not self._gone:
-                self._reply("-ERR [SYS/TEMP] unable to check the password now, try again later")
-            return
+    async def _login(self, credentials: ICredentials, method: str) -> None:
+        """Log in (login.py), then grant relaying and open the maildrop."""
+        result = await self.factory.logins.login(credentials, self._client_ip, method)
         if self._gone:
             return
-        throttle.succeeded(self._throttle_key)
-        _log.info("pop3d: login ok {address} from {ip}", address=user.address, ip=self._client_ip)
-        if user.may_relay:  # vpopmail's NO_RELAY flag: mail may be read, not relayed (as vchkpw does)
+        if result.user is None:
+            self._reply(REFUSED[result.refusal])
+            return
+        if result.user.may_relay:  # vpopmail's NO_RELAY flag: mail may be read, not relayed (as vchkpw does)
             self._record_grant()
-        await self._open(user)
-
-    async def _login_failed(self, address: str) -> None:
-        _log.info("pop3d: login failed {address} from {ip}", address=_printable(address), ip=self._client_ip)
-        delay = self.factory.throttle.failed(self._throttle_key)
-        await deferLater(self.factory.clock, delay, lambda: None)
-        if not self._gone:
-            self._reply("-ERR [AUTH] authorization failed")
+        await self._open(result.user)
 
     async def _open(self, user: User) -> None:
         """Lock the maildrop for this session and list it: the TRANSACTION state begins."""
@@ -619,7 +486,7 @@ class POP3Server(LineReceiver, TimeoutMixin):
             return
         self._lock_key = lock_key
         try:
-            messages = await deferToThread(open_maildrop, user.maildir)
+            paths = await deferToThread(maildir.take_new, user.maildir)
         except OSError:
             _log.failure("pop3d: cannot open the maildrop {maildir}", maildir=str(user.maildir))
             self._release_lock()
@@ -628,13 +495,13 @@ class POP3Server(LineReceiver, TimeoutMixin):
         if self._gone:
             return
         self._maildir = user.maildir
-        self._messages = messages
+        self._messages = [Message(path, unique_id(path.name)) for path in paths]
         self._state = TRANSACTION
         self._reply("+OK")
 
     def _record_grant(self) -> None:
         """POP-before-SMTP: this client IP may relay for a while (SPEC §6)."""
-        if self._client_ip is None:
+        if self._client_ip == NO_IP:
             return
         try:
             self.factory.grants.record(self._client_ip)
@@ -664,7 +531,7 @@ class POP3Server(LineReceiver, TimeoutMixin):
         failures = 0
         try:
             if doomed or seen:
-                failures = await deferToThread(update_maildrop, self._maildir, doomed, seen)
+                failures = await deferToThread(maildir.remove_and_flag, self._maildir, doomed, seen)
         except OSError:
             _log.failure("pop3d: updating the maildrop {maildir} at QUIT failed",
                          maildir=str(self._maildir))
@@ -786,24 +653,22 @@ class POP3Server(LineReceiver, TimeoutMixin):
 
 
 class POP3Factory(ServerFactory):
-    """Builds POP3 sessions and holds what they share: the portal, the failure
-    throttle, grants, the mailbox locks.
+    """Builds POP3 sessions and holds what they share: the logins, grants,
+    the mailbox locks.
 
     One factory serves every POP3 listener (``--pop3`` and, wrapped in TLS,
     ``--pop3s``), so the in-memory lock table covers all sessions.  The
-    ``portal`` and ``throttle`` are the ones SMTP AUTH uses, so a client
-    guessing passwords is counted once, whichever protocol it tries.
-    ``settings`` (control/pop3requiretls, me) is read at each new session and
+    ``logins`` share their throttle with SMTP AUTH's, so a client guessing
+    passwords is counted once, whichever protocol it tries.  ``settings``
+    (control/pop3requiretls, me) is read at each new session and
     ``tls_options`` at each STLS, so a reload applies without a restart.
     """
 
-    def __init__(self, *, portal: Portal, throttle: FailureThrottle, grants: Grants,
-                 settings: Callable[[], "Settings"], tls_options: object | None = None,
-                 clock: IReactorTime | None = None) -> None:
+    def __init__(self, *, logins: Logins, grants: Grants, settings: Callable[[], "Settings"],
+                 tls_options: object | None = None, clock: IReactorTime | None = None) -> None:
         if clock is None:
             from twisted.internet import reactor as clock
-        self.portal = portal
-        self.throttle = throttle
+        self.logins = logins
         self.grants = grants
         self.settings = settings
         self.tls_options = tls_options

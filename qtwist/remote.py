@@ -35,7 +35,8 @@ from twisted.protocols.policies import TimeoutMixin
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from qtwist.delivery import Kind, Outcome
+from qtwist.delivery import IRemoteDelivery, Kind, Outcome
+from qtwist.login import normal_ip
 from qtwist.resolver import Lookups
 
 if TYPE_CHECKING:
@@ -116,7 +117,7 @@ def this_host_addresses() -> set[str]:
                 found.add(str(sockaddr[0]).split("%")[0])
         except OSError:
             pass
-        return {_normal_ip(a) for a in found}
+        return {normal_ip(a) for a in found}
     try:
         with open("/proc/net/if_inet6", encoding="ascii") as inet6:
             for line in inet6:
@@ -124,11 +125,6 @@ def this_host_addresses() -> set[str]:
     except OSError:
         pass
     return found
-
-
-def _normal_ip(address: str) -> str:
-    """One spelling per address, so set membership works across sources."""
-    return str(ipaddress.ip_address(address))
 
 
 def ip_literal(host: str, *, bare: bool) -> str | None:
@@ -142,7 +138,7 @@ def ip_literal(host: str, *, bare: bool) -> str | None:
     else:
         return None
     try:
-        return _normal_ip(text)
+        return normal_ip(text)
     except ValueError:
         return None
 
@@ -196,7 +192,7 @@ def _addresses_of(resolver: dns.resolver.Resolver, host: dns.name.Name) -> tuple
         except dns.exception.DNSException:
             soft = True
             continue
-        addresses.extend(_normal_ip(record.address) for record in answer)
+        addresses.extend(normal_ip(record.address) for record in answer)
     return addresses, soft
 
 
@@ -221,7 +217,7 @@ def _mail_hosts(resolver: dns.resolver.Resolver, domain: dns.name.Name) -> list[
 
 def _drop_self(targets: list[tuple[int, str]], mine: set[str]) -> list[str]:
     """qmail's prefme rule: when an MX is this host, use only strictly better MXes."""
-    own = {_normal_ip(address) for address in mine}
+    own = {normal_ip(address) for address in mine}
     best_self = min((pref for pref, address in targets if address in own), default=None)
     kept = [address for pref, address in targets if best_self is None or pref < best_self]
     if not kept:
@@ -610,6 +606,7 @@ def opportunistic_tls() -> CertificateOptions:
     return CertificateOptions()
 
 
+@implementer(IRemoteDelivery)
 class RemoteDelivery:
     """qmail-remote for the whole process: ``deliver`` once per (message, domain).
 

@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Mapping
 
+from qtwist.login import normal_ip
+
 _NO_ENV: Mapping[str, str] = MappingProxyType({})
 
 
@@ -68,11 +70,13 @@ class Rules:
     def match(self, ip: str, hostname: str | None = None) -> Rule:
         """The rule tcpserver would apply to a client at ``ip`` (with the name its
         PTR look-up gave, if any): exact address, then ``=host`` keys from the full
-        name down to ``=``, then address prefixes longest first, then the default."""
+        name down to ``=``, then address prefixes longest first, then the default.
+        ``ip`` is normalised as ``login.client_address`` gives it, so an
+        IPv4-mapped client matches the IPv4 rules."""
         table = self._table
         if not table:
             return _UNMATCHED
-        address, is_ipv6 = _client_address(ip)
+        address = ip
         rule = table.get(address)
         if rule is not None:
             return rule
@@ -80,7 +84,7 @@ class Rules:
             rule = _match_hostname(table, hostname)
             if rule is not None:
                 return rule
-        prefixes = _ipv6_prefixes(address) if is_ipv6 else _ipv4_prefixes(address)
+        prefixes = _ipv6_prefixes(address) if ":" in address else _ipv4_prefixes(address)
         for prefix in prefixes:
             rule = table.get(prefix)
             if rule is not None:
@@ -219,26 +223,9 @@ def _ipv6_key(key: str) -> str:
                 raise ValueError(f"not an IPv6 prefix: {key!r}")
         return ":".join(format(int(group, 16), "x") if group else "" for group in groups)
     try:
-        address = ipaddress.IPv6Address(key)
+        return normal_ip(key)
     except ValueError:
         raise ValueError(f"not an IPv6 address: {key!r}") from None
-    if address.ipv4_mapped is not None:
-        return str(address.ipv4_mapped)
-    return address.compressed
-
-
-def _client_address(ip: str) -> tuple[str, bool]:
-    """The client address as keys are written, and whether it is IPv6.  IPv4
-    (the common case) is used as given; mapped IPv6 clients match IPv4 rules."""
-    if ":" not in ip:
-        return ip, False
-    try:
-        address = ipaddress.IPv6Address(ip.split("%", 1)[0])
-    except ValueError:
-        return ip.lower(), True
-    if address.ipv4_mapped is not None:
-        return str(address.ipv4_mapped), False
-    return address.compressed, True
 
 
 def _match_hostname(table: Mapping[str, Rule], hostname: str) -> Rule | None:

@@ -1,13 +1,19 @@
-"""qmail-send's job: schedule deliveries, retry, give up, bounce.
+"""qmail-send's job: route, schedule deliveries, retry, give up, bounce.
 
-Every pending recipient is either ready (a deque per channel) or waiting for
-its retry time (one heap for both channels), so each event costs O(log n)
-whatever the size of the queue.  Local deliveries, at most concurrencylocal
-at once, run in the qmail-lspawn child (lspawn.py); remote ones run on the
-reactor, all recipients of one domain in one SMTP transaction, at most
-concurrencyremote at once.  Messages ``qtwist sendmail`` left in queue/todo/
+As qmail-send preprocesses a queued message, the scheduler decides for each
+recipient whether it is local or remote (``policy.channel_for``), once the
+message is in the queue.  Every pending recipient is then either ready (a
+deque per channel) or waiting for its retry time (one heap for both
+channels), so each event costs O(log n) whatever the size of the queue.
+Local deliveries, at most concurrencylocal at once, go to the local channel
+(the qmail-lspawn child, lspawn.py); remote ones, all recipients of one
+domain in one SMTP transaction, at most concurrencyremote at once, to the
+remote channel (remote.py).  Messages ``qtwist sendmail`` left in queue/todo/
 are queued once a second (and at start), with the reading done off the
 reactor thread.
+
+All time is the clock's (``IReactorTime.seconds``), so tests drive retries
+and queuelifetime on ``twisted.internet.task.Clock``.
 """
 
 from __future__ import annotations
@@ -19,25 +25,25 @@ import math
 import re
 import signal
 import threading
-import time
 from collections import deque
-from pathlib import Path
-from typing import Callable
+from typing import Callable, Coroutine
 
 from twisted.application.service import Service
-from twisted.internet.defer import CancelledError, Deferred, DeferredList, ensureDeferred
+from twisted.internet.defer import CancelledError, Deferred, DeferredList
+from twisted.internet.interfaces import IReactorTime
+from twisted.internet.task import LoopingCall
 from twisted.internet.threads import deferToThread
 from twisted.logger import Logger
 
 from qtwist import bounce
 from qtwist.control import Settings
-from qtwist.delivery import Outcome
+from qtwist.delivery import ILocalDelivery, IRemoteDelivery, Outcome
 from qtwist.hooks import Hooks, Outbound, PluginContext
 from qtwist.inject import received_header
-from qtwist.lspawn import LocalSpawn
 from qtwist.policy import channel_for, split_address
-from qtwist.queue import BOUNCED, DELIVERED, FAILED, PENDING, Queue, QueuedMessage, remove_todo, \
-    take_flush_request, take_removal_requests, take_todo
+from qtwist.queue import BOUNCED, DELIVERED, FAILED, PENDING, Queue, QueuedMessage
+from qtwist.queue.admin import take_flush_request, take_removal_requests
+from qtwist.queue.todo import remove_todo, take_todo
 
 log = Logger(namespace="qtwist.send")
 
@@ -104,46 +110,52 @@ class Job:
 
 
 class Scheduler(Service):
-    """Delivers what the queue holds; the SMTP server hands it new messages."""
+    """Delivers what the queue holds; the SMTP server hands it new messages.
 
-    def __init__(self, home: Path, queue: Queue, settings: Callable[[], Settings], remote,
-                 reactor, hooks: Hooks | None = None, plugin_context: PluginContext | None = None):
+    ``local`` and ``remote`` are the two delivery channels; ``local`` is
+    started and stopped with the scheduler, since a stop must first let the
+    deliveries it holds finish."""
+
+    def __init__(self, queue: Queue, settings: Callable[[], Settings], local: ILocalDelivery,
+                 remote: IRemoteDelivery, clock: IReactorTime, hooks: Hooks | None = None,
+                 plugin_context: PluginContext | None = None):
         self.hooks = hooks
         self.plugin_context = plugin_context
         self.queue = queue
         self.settings = settings
+        self.local = local
         self.remote = remote
-        self.reactor = reactor
+        self.clock = clock
         self.ready = {"local": deque(), "remote": deque()}
         self.in_progress = {"local": 0, "remote": 0}
         self.waiting: list[tuple[float, int, Job]] = []
         self._sequence = itertools.count()
         self._deliveries = itertools.count(1)
         self._timer = None
-        self._poller = None
+        self._poller: LoopingCall | None = None
+        self._polling_failed = False
         self._pickup: Deferred | None = None
         self._cached_bytes = 0
         self._removed: set[int] = set()
-        self._running_deliveries: set[Deferred] = set()
-        self.log = SendLog(reactor)
-        self.lspawn = LocalSpawn(reactor, home)
+        self._work: set[Deferred] = set()
+        self.log = SendLog(clock)
 
     # -- service ------------------------------------------------------------
 
     def startService(self) -> None:
         super().startService()
-        if threading.current_thread() is threading.main_thread():
+        call_from_thread = getattr(self.clock, "callFromThread", None)
+        if call_from_thread is not None and threading.current_thread() is threading.main_thread():
             # qmail-send retries everything at once on SIGALRM; so do we.
-            signal.signal(signal.SIGALRM, lambda *_: self.reactor.callFromThread(self.flush))
-        self.lspawn.start()
+            signal.signal(signal.SIGALRM, lambda *_: call_from_thread(self.flush))
+        self.local.start()
         for message in self.queue.open():
             self._resume(message)
         # A big queue is many long-lived objects: keep the garbage collector
         # from walking all of them again and again while mail flows.
         gc.freeze()
-        from twisted.internet.task import LoopingCall
         self._poller = LoopingCall(self._poll_requests)
-        self._poller.clock = self.reactor
+        self._poller.clock = self.clock
         self._poller.start(POLL_INTERVAL, now=False)
         self._pick_up()
         self._pump()
@@ -157,26 +169,46 @@ class Scheduler(Service):
             self._poller.stop()
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
-        return ensureDeferred(self._stop())
+        return Deferred.fromCoroutine(self._stop())
 
     async def _stop(self) -> None:
         if self._pickup is not None:
             # Messages it is queueing must leave todo/, or the next start queues them again.
             await self._pickup
-        if self._running_deliveries:
-            self.log(f"stopping: waiting for {len(self._running_deliveries)} deliveries in progress")
-            waiting = DeferredList(list(self._running_deliveries), consumeErrors=True)
-            giving_up = self.reactor.callLater(STOP_GRACE, waiting.cancel)
+        if self._work:
+            self.log(f"stopping: waiting for {self._deliveries_running()} deliveries in progress")
+            waiting = self.settled()
+            giving_up = self.clock.callLater(STOP_GRACE, waiting.cancel)
             try:
                 await waiting
             except CancelledError:
-                self.log(f"stopping: {len(self._running_deliveries)} deliveries still running; "
+                self.log(f"stopping: {self._deliveries_running()} deliveries still running; "
                          f"they are retried after the next start")
             if giving_up.active():
                 giving_up.cancel()
-        await self.lspawn.stop()
+        await self.local.stop()
         self.log.flush()
         await self.queue.close()
+
+    def settled(self) -> Deferred:
+        """Fires once the work started so far (deliveries with their results,
+        bounces, ends) is done; what that work starts in turn is waited for too."""
+        return Deferred.fromCoroutine(self._settle())
+
+    async def _settle(self) -> None:
+        while self._work:
+            await DeferredList(list(self._work), consumeErrors=True)
+
+    def _deliveries_running(self) -> int:
+        return self.in_progress["local"] + self.in_progress["remote"]
+
+    def _track(self, work: Coroutine, what: str) -> Deferred:
+        """Run ``work``, which ``settled`` and a stop wait for; a crash is logged."""
+        running = Deferred.fromCoroutine(work)
+        self._work.add(running)
+        running.addErrback(lambda failure: log.failure("{what} failed", failure, what=what))
+        running.addBoth(lambda _: self._work.discard(running))
+        return running
 
     # -- entry points ---------------------------------------------------------
 
@@ -195,18 +227,21 @@ class Scheduler(Service):
     def _resume(self, message: QueuedMessage) -> None:
         """A message found in the queue at start."""
         if message.resolved:
-            ensureDeferred(self._finish(message))
+            self._track(self._finish(message), f"finishing msg {message.id}")
             return
         if any(r.state == FAILED for r in message.recipients):
-            ensureDeferred(self._bounce(message))
+            self._track(self._bounce(message), f"bouncing msg {message.id}")
         pending = [i for i, r in enumerate(message.recipients) if r.state == PENDING]
         self._enqueue(message, pending, ready=False)
 
     def _enqueue(self, message: QueuedMessage, indexes, ready: bool) -> None:
+        """qmail-send's preprocessing: each recipient to the local or the
+        remote channel, remote ones grouped by domain."""
+        settings = self.settings()
         remote_groups: dict[tuple[str, float], list[int]] = {}
         for index in indexes:
             recipient = message.recipients[index]
-            if recipient.channel == "local":
+            if channel_for(recipient.address, settings) == "local":
                 self._place(Job(message, "local", [index]), recipient.next_try, ready)
             else:
                 _, domain = split_address(recipient.address)
@@ -215,7 +250,7 @@ class Scheduler(Service):
             self._place(Job(message, "remote", group, domain), next_try, ready)
 
     def _place(self, job: Job, when: float, ready: bool) -> None:
-        if ready or when <= time.time():
+        if ready or when <= self.clock.seconds():
             self.ready[job.channel].append(job)
         else:
             heapq.heappush(self.waiting, (when, next(self._sequence), job))
@@ -233,16 +268,16 @@ class Scheduler(Service):
     def _arm_timer(self) -> None:
         if not self.waiting:
             return
-        delay = max(0.0, self.waiting[0][0] - time.time())
+        delay = max(0.0, self.waiting[0][0] - self.clock.seconds())
         if self._timer is not None and self._timer.active():
-            if self._timer.getTime() <= self.reactor.seconds() + delay:
+            if self._timer.getTime() <= self.clock.seconds() + delay:
                 return
             self._timer.cancel()
-        self._timer = self.reactor.callLater(delay, self._wake)
+        self._timer = self.clock.callLater(delay, self._wake)
 
     def _wake(self) -> None:
         self._timer = None
-        now = time.time()
+        now = self.clock.seconds()
         while self.waiting and self.waiting[0][0] <= now:
             _, _, job = heapq.heappop(self.waiting)
             self.ready[job.channel].append(job)
@@ -250,23 +285,36 @@ class Scheduler(Service):
         self._pump()
 
     def _poll_requests(self) -> None:
-        for message_id in take_removal_requests(self.queue.dir):
-            message = self.queue.messages.get(message_id)
-            if message is not None and message_id not in self._removed:
-                self._removed.add(message_id)
-                self.log(f"removed msg {message_id} by request")
-                ensureDeferred(self._end(message, "removed"))
-        if take_flush_request(self.queue.dir):
-            self.log("flush: retrying every deferred delivery now")
-            self.flush()
-        self._pick_up()
+        """The once-a-second look at queue/rm/, queue/flush and queue/todo/.
+        It must keep ticking whatever happens (a LoopingCall that raises stops
+        for good), so trouble is logged once, and once more when it is over."""
+        try:
+            for message_id in take_removal_requests(self.queue.dir):
+                message = self.queue.messages.get(message_id)
+                if message is not None and message_id not in self._removed:
+                    self._removed.add(message_id)
+                    self.log(f"removed msg {message_id} by request")
+                    self._track(self._end(message, "removed"), f"removing msg {message_id}")
+            if take_flush_request(self.queue.dir):
+                self.log("flush: retrying every deferred delivery now")
+                self.flush()
+            self._pick_up()
+        except Exception:
+            if not self._polling_failed:
+                log.failure("queue requests: looking at queue/rm, queue/flush and queue/todo failed; "
+                            "trying again every second")
+            self._polling_failed = True
+            return
+        if self._polling_failed:
+            log.info("queue requests: looking at the queue's request directories works again")
+            self._polling_failed = False
 
     # -- messages from qtwist sendmail ------------------------------------------------
 
     def _pick_up(self) -> None:
         """Queue what ``qtwist sendmail`` left in todo/, one batch at a time."""
         if self._pickup is None and self.running:
-            self._pickup = ensureDeferred(self._take_todo())
+            self._pickup = Deferred.fromCoroutine(self._take_todo())
             self._pickup.addErrback(lambda failure: log.failure("sendmail pickup failed", failure))
             self._pickup.addBoth(self._pickup_ended)
 
@@ -284,10 +332,8 @@ class Scheduler(Service):
             log.warn("queue: {problem}", problem=problem)
         if not batch.messages:
             return False
-        settings, now = self.settings(), time.time()
-        accepting = [self.queue.accept(todo.sender,
-                                       [(address, channel_for(address, settings)) for address in todo.recipients],
-                                       received_header(todo.uid, now) + todo.body)
+        now = self.clock.seconds()
+        accepting = [self.queue.accept(todo.sender, todo.recipients, received_header(todo.uid, now) + todo.body)
                      for todo in batch.messages]
         results = await DeferredList(accepting, consumeErrors=True)
         queued = []
@@ -315,13 +361,7 @@ class Scheduler(Service):
                 if job.message.id in self._removed or job.message.id not in self.queue.messages:
                     continue
                 self.in_progress[channel] += 1
-                delivery = ensureDeferred(self._run(job, settings))
-                self._running_deliveries.add(delivery)
-                delivery.addBoth(self._delivery_ended, delivery)
-
-    def _delivery_ended(self, result, delivery: Deferred):
-        self._running_deliveries.discard(delivery)
-        return result
+                self._track(self._run(job, settings), f"delivery of msg {job.message.id}")
 
     def _status(self, settings: Settings) -> None:
         self.log(f"status: local {self.in_progress['local']}/{settings.concurrencylocal} "
@@ -358,7 +398,7 @@ class Scheduler(Service):
         message = job.message
         if job.channel == "local":
             recipient = message.recipients[job.indexes[0]].address
-            return [await self.lspawn.deliver(message, recipient)]
+            return [await self.local.deliver(message, recipient)]
         body = await self._body(message)
         recipients = [message.recipients[i].address for i in job.indexes]
         chain = self.hooks.chain(settings, "outbound") if self.hooks is not None else []
@@ -378,10 +418,9 @@ class Scheduler(Service):
         """The message bytes: from memory while cached, else read in a thread."""
         return message.body if message.body is not None else await deferToThread(message.read_body)
 
-    @staticmethod
-    def _judge(message: QueuedMessage, outcome: Outcome, settings: Settings) -> Outcome:
+    def _judge(self, message: QueuedMessage, outcome: Outcome, settings: Settings) -> Outcome:
         """A deferral after queuelifetime is the last try: it becomes a failure."""
-        if outcome.kind == "deferral" and time.time() >= message.born + settings.queuelifetime:
+        if outcome.kind == "deferral" and self.clock.seconds() >= message.born + settings.queuelifetime:
             return Outcome.failure(f"{outcome.text}\n{bounce.GIVING_UP}")
         return outcome
 
@@ -392,7 +431,7 @@ class Scheduler(Service):
             return
         if outcome.kind == "success":
             if outcome.forwards:
-                await self._forward(message, recipient.address, outcome.forwards, settings)
+                await self._forward(message, recipient.address, outcome.forwards)
             recipient.state, recipient.text = DELIVERED, outcome.text
             self.queue.record_result(message, index)
             return
@@ -400,18 +439,16 @@ class Scheduler(Service):
             recipient.state, recipient.text = FAILED, outcome.text
             self.queue.record_result(message, index)
             return
-        recipient.next_try = min(next_retry(message.born, time.time(), job.channel),
+        recipient.next_try = min(next_retry(message.born, self.clock.seconds(), job.channel),
                                  message.born + settings.queuelifetime)
         recipient.text = outcome.text
         self.queue.record_deferral(message, index)
         self._place(Job(message, job.channel, [index], job.domain), recipient.next_try, ready=False)
 
-    async def _forward(self, message: QueuedMessage, recipient: str, forwards: tuple[str, ...],
-                       settings: Settings) -> None:
+    async def _forward(self, message: QueuedMessage, recipient: str, forwards: tuple[str, ...]) -> None:
         """A dot-qmail forward: a new message, durable before the original counts as delivered."""
         body = await self._body(message)
-        forwarded = await self.queue.accept(message.sender,
-                                            [(address, channel_for(address, settings)) for address in forwards],
+        forwarded = await self.queue.accept(message.sender, list(forwards),
                                             f"Delivered-To: {recipient}\n".encode() + body)
         self.submit(forwarded)
 
@@ -432,9 +469,9 @@ class Scheduler(Service):
         else:
             original = await self._body(message)
             failures = [(message.recipients[i].address, message.recipients[i].text) for i in failed]
-            text = bounce.failure_notice(settings, message.sender, failures, original, time.time())
+            text = bounce.failure_notice(settings, message.sender, failures, original, self.clock.seconds())
             sender, recipient = envelope
-            bounced = await self.queue.accept(sender, [(recipient, channel_for(recipient, settings))], text)
+            bounced = await self.queue.accept(sender, [recipient], text)
             self.log(f"bounce msg {message.id} qp {bounced.id}")
             self.submit(bounced)
         if message.id in self.queue.messages:

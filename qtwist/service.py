@@ -16,22 +16,22 @@ from twisted.internet.endpoints import serverFromString
 from twisted.logger import Logger
 from twisted.python import usage
 
-from qtwist.control import ControlWatcher
+from qtwist.control import LISTENER_NAMES, ControlWatcher
 from qtwist.grants import Grants, GrantsCleaner
 from qtwist.hooks import Hooks, PluginContext, installed_plugins
+from qtwist.lspawn import LocalSpawn
 from qtwist.pop3d import POP3Factory
 from qtwist.queue import Queue
 from qtwist.remote import RemoteDelivery, opportunistic_tls
 from qtwist.resolver import Lookups
 from qtwist.send import Scheduler
 from qtwist.smtpd import SMTPFactory
+from qtwist.login import FailureThrottle, Logins, mail_portal
 from qtwist.tls import ImplicitTLSFactory, ServerTLS, make_self_signed
-from qtwist.throttle import FailureThrottle
-from qtwist.users import UserDB, mail_portal
+from qtwist.users import UserDB
 
 log = Logger(namespace="qtwist.service")
 
-LISTENERS = ("smtp", "submission", "smtps", "pop3", "pop3s")
 BUILTIN_LISTENERS = {"smtp": ["tcp:25"], "submission": ["tcp:587"], "smtps": ["none"],
                      "pop3": ["tcp:110"], "pop3s": ["none"]}
 
@@ -90,7 +90,7 @@ def listener_endpoints(cli: dict[str, list[str]], configured: tuple[tuple[str, s
     for name, endpoint in configured:
         from_file.setdefault(name, []).append(endpoint)
     chosen = {}
-    for name in LISTENERS:
+    for name in LISTENER_NAMES:
         endpoints = cli.get(name) or from_file.get(name) or BUILTIN_LISTENERS[name]
         chosen[name] = [e for e in endpoints if e.strip().lower() != "none"]
     return chosen
@@ -121,7 +121,7 @@ def makeService(options: Options) -> MultiService:
                             tls_context_factory=opportunistic_tls())
     hooks = Hooks(installed_plugins(), reactor)
     plugin_context = PluginContext(home, users, lookups, reactor)
-    scheduler = Scheduler(home, queue, lambda: control.settings, remote, reactor,
+    scheduler = Scheduler(queue, lambda: control.settings, LocalSpawn(reactor, home), remote, reactor,
                           hooks=hooks, plugin_context=plugin_context)
     scheduler.setServiceParent(top)
 
@@ -137,16 +137,16 @@ def makeService(options: Options) -> MultiService:
     throttle = FailureThrottle(reactor, lambda: (control.settings.authfaillimit,
                                                  control.settings.authfailwindow,
                                                  control.settings.authfailblock))
-    smtp_portal = mail_portal(users, "smtp")
+    smtp_logins = Logins("smtpd", mail_portal(users, "smtp"), throttle, reactor)
 
     def smtp_factory(submission: bool) -> SMTPFactory:
         return SMTPFactory(settings=lambda: control.settings, rules=lambda: control.rules, queue=queue,
                            queued=scheduler.submit, clock=reactor, grants=grants, submission=submission,
-                           tls=server_tls, portal=smtp_portal, throttle=throttle, hooks=hooks,
+                           tls=server_tls, logins=smtp_logins, hooks=hooks,
                            plugin_context=plugin_context)
 
     submission = smtp_factory(submission=True)
-    pop3 = POP3Factory(portal=mail_portal(users, "pop3"), throttle=throttle, grants=grants,
+    pop3 = POP3Factory(logins=Logins("pop3d", mail_portal(users, "pop3"), throttle, reactor), grants=grants,
                        settings=lambda: control.settings, tls_options=server_tls, clock=reactor)
     factories = {"smtp": smtp_factory(submission=False), "submission": submission, "pop3": pop3,
                  # Port 465 is submission with TLS from the first byte (RFC 8314).

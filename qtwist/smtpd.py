@@ -1,40 +1,35 @@
 """qmail-smtpd's job: the ESMTP server protocol.
 
-The protocol machine reads commands in order and asks policy (and later,
-hooks) what to answer; a handler may return a Deferred, and then nothing more
-is read until it fires, so replies stay in order under PIPELINING however long
-a check takes.  Replies produced while handling one read are written together.
-Message data is not handled line by line: the terminator is searched in the
-buffered bytes, and dot-unstuffing, the bare-LF check and CRLF→LF are each one
-pass over the whole message in C.
+The protocol machine reads commands in order and asks policy (policy.py),
+plugins (hooks.py) and the login flow (login.py, through the SASL exchanges
+of sasl.py) what to answer; a handler may return a Deferred, and then nothing
+more is read until it fires, so replies stay in order under PIPELINING
+however long a check takes.  Replies produced while handling one read are
+written together.  Message data is not handled line by line (``DataReader``):
+the terminator is searched in the buffered bytes, and dot-unstuffing, the
+bare-LF check and CRLF→LF are each one pass over the whole message in C.
 """
 
 from __future__ import annotations
 
-import base64
-import binascii
 import re
-import secrets
-import time
 from email.utils import formatdate
 from typing import Callable
 
-from twisted.cred.credentials import CramMD5Credentials, UsernamePassword
-from twisted.cred.error import UnauthorizedLogin
+from twisted.cred.credentials import ICredentials
 from twisted.internet import tcp
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IPushProducer, ISSLTransport
+from twisted.internet.interfaces import IPushProducer
 from twisted.internet.protocol import Factory, Protocol
-from twisted.internet.task import deferLater
 from twisted.logger import Logger
 from zope.interface import implementer
 
+from qtwist import sasl
 from qtwist.control import Settings
 from qtwist.hooks import Answer, Hooks, PluginContext, Session
-from qtwist.policy import (ClientInfo, bad_mail_from, bad_rcpt_to, channel_for, rcpt_allowed,
-                           with_default_host)
-from qtwist.tls import tls_ready
-from qtwist.users import IMailUser
+from qtwist.login import Logins, Refusal, client_address
+from qtwist.policy import ClientInfo, bad_mail_from, bad_rcpt_to, rcpt_allowed, with_default_host
+from qtwist.tls import can_upgrade, cipher_of, is_encrypted
 
 log = Logger(namespace="qtwist.smtpd")
 
@@ -52,10 +47,12 @@ REPLY_BARE_LF = b"451 See http://pobox.com/~djb/docs/smtplf.html.\r\n"
 REPLY_LOOPING = b"554 too many hops, this message is looping (#5.4.6)\r\n"
 REPLY_QUEUE_ERROR = b"451 qq write error or disk full (#4.3.0)\r\n"
 REPLY_AUTH_OK = b"235 ok, go ahead (#2.0.0)\r\n"
-REPLY_AUTH_FAILED = b"535 authentication failed (#5.7.1)\r\n"
 REPLY_AUTH_NEEDS_TLS = b"538 auth not available without TLS (#5.3.3)\r\n"
-REPLY_AUTH_MALFORMED = b"501 malformed auth input (#5.5.4)\r\n"
-PLAINTEXT_MECHANISMS = ("LOGIN", "PLAIN")
+REPLY_AUTH_REFUSED = {
+    Refusal.WRONG: b"535 authentication failed (#5.7.1)\r\n",
+    Refusal.BLOCKED: b"454 too many failed authentications, try again later (#4.7.0)\r\n",
+    Refusal.UNAVAILABLE: b"454 temporary authentication failure, try again later (#4.7.0)\r\n",
+}
 # What a client names itself goes into the header as qmail's safeput() does it:
 # no character that could end a comment or start a new header line.
 UNSAFE_IN_RECEIVED = re.compile(r"[^A-Za-z0-9.@%+/=:-]")
@@ -133,6 +130,49 @@ def too_many_hops(message: bytes) -> bool:
     return sum(1 for line in lines if line.startswith((b"received:", b"delivered-to:"))) >= MAX_HOPS
 
 
+class BareLF(Exception):
+    """A line in the message data ended with LF alone."""
+
+
+class DataReader:
+    """DATA's framing over the bytes as they arrive.
+
+    Like qmail-smtpd, a bare LF is refused as soon as it arrives (an LF-only
+    client would never send CRLF.CRLF), and past the size limit only the tail
+    that may still hold the terminator is kept, so a client cannot fill the
+    server's memory.
+    """
+
+    def __init__(self, databytes: int) -> None:
+        # A CRLF in front, so a message that is only "." ends at once.
+        self.data = bytearray(b"\r\n")
+        self.searched = 0
+        self.checked = 2  # every LF before this offset follows a CR; always >= 1
+        self.overflow = False
+        self.limit = 2 * (databytes or HARD_DATA_LIMIT) + 65536  # too big even if it were all CRLFs
+
+    def feed(self, chunk: bytes) -> None:
+        self.data += chunk
+
+    def end(self) -> tuple[bytes, bytes] | None:
+        """(the message as sent, the bytes after its terminator) once the
+        terminator has arrived, else None; raises BareLF."""
+        data = self.data
+        end = data.find(TERMINATOR, self.searched)
+        checked_to = end + len(TERMINATOR) if end >= 0 else len(data)
+        if data.count(b"\n", self.checked, checked_to) != data.count(b"\r\n", self.checked - 1, checked_to):
+            raise BareLF()
+        if end < 0:
+            self.checked = len(data)
+            if len(data) > self.limit:
+                self.overflow = True
+                del data[:-4]
+                self.checked = len(data)
+            self.searched = max(0, len(data) - 4)
+            return None
+        return bytes(data[2:end + 2]), bytes(data[end + 5:])
+
+
 def write_now(transport, data: bytes) -> None:
     """Send a reply at once when the socket can take it.
 
@@ -168,18 +208,14 @@ class SMTPServer(Protocol):
         self.protocol_name = "SMTP"
         self.sender: str | None = None
         self.sender_bad = False
-        self.recipients: list[tuple[str, str]] = []
+        self.recipients: list[str] = []
         self.buffer = b""
         self.offset = 0
-        self.in_data = False
-        self.data = bytearray()
-        self.data_searched = 0
-        self.data_checked = 0
-        self.data_overflow = False
+        self.reader: DataReader | None = None
         self.discarding_line = False
         self.encrypted = False
         self.auth_user = None
-        self.auth_step: Callable[[str], object] | None = None
+        self.exchange: sasl.Exchange | None = None
         self.busy = False
         self.reading_stopped: set[str] = set()
         self.notes: dict[str, object] = {}
@@ -190,10 +226,7 @@ class SMTPServer(Protocol):
     # -- connection -----------------------------------------------------------
 
     def connectionMade(self) -> None:
-        peer = self.transport.getPeer()
-        ip = getattr(peer, "host", "unknown")
-        if ip.startswith("::ffff:"):
-            ip = ip[7:]
+        ip = client_address(self.transport)
         rule = self.factory.rules().match(ip)
         if not rule.allow:
             log.info("smtpd: {ip} denied by tcp.smtp rule {key!r}", ip=ip, key=rule.key)
@@ -202,7 +235,7 @@ class SMTPServer(Protocol):
         grant = rule.key != ip and self.factory.has_grant(ip, self.settings)
         self.client = ClientInfo(ip, dict(rule.env), pop_grant=grant)
         self.transport.registerProducer(self, True)
-        self.encrypted = ISSLTransport.providedBy(self.transport)
+        self.encrypted = is_encrypted(self.transport)
         self.databytes = self.settings.databytes
         if "DATABYTES" in rule.env and rule.env["DATABYTES"].isdigit():
             self.databytes = int(rule.env["DATABYTES"])
@@ -224,7 +257,7 @@ class SMTPServer(Protocol):
         if self.timer is not None and self.timer.active():
             self.timer.cancel()
         self.timer = None
-        self.data = bytearray()
+        self.reader = None
 
     def _close(self) -> None:
         """Write what is pending, then close (a transport with a registered
@@ -255,8 +288,8 @@ class SMTPServer(Protocol):
             if len(self.buffer) - self.offset > MAX_LINE * 16:
                 self._stop_reading("input")
             return
-        if self.in_data:
-            self._data_chunk(data)
+        if self.reader is not None:
+            self.reader.feed(data)
         else:
             self.buffer += data
         self._process()
@@ -267,7 +300,7 @@ class SMTPServer(Protocol):
         not copied once per command."""
         while (not self.busy and "output" not in self.reading_stopped and self.transport is not None
                and not self.disconnecting):
-            if self.in_data:
+            if self.reader is not None:
                 if not self._data_complete():
                     break
                 continue
@@ -287,9 +320,8 @@ class SMTPServer(Protocol):
                 self.out.append(b"500 line too long (#5.5.2)\r\n")
                 continue
             text = line.rstrip(b"\r").decode("latin-1")
-            if self.auth_step is not None:
-                step, self.auth_step = self.auth_step, None
-                result = step(text)
+            if self.exchange is not None:
+                result = self._auth_step(self.exchange.answer(text))
             else:
                 result = self._command(text)
             if isinstance(result, Deferred):
@@ -344,8 +376,8 @@ class SMTPServer(Protocol):
         if self.transport is None or self.client is None:
             return
         self._start_reading("input")
-        if self.in_data and len(self.buffer) > self.offset:
-            self._data_chunk(self._take_buffer())
+        if self.reader is not None and len(self.buffer) > self.offset:
+            self.reader.feed(self._take_buffer())
         self._process()
 
     def _flush(self) -> None:
@@ -364,7 +396,7 @@ class SMTPServer(Protocol):
 
     def _hook_session(self) -> Session:
         return Session(self.client, self.settings, self.factory.plugin_context, self.encrypted, self.helo,
-                       self.sender, [address for address, _ in self.recipients], self.notes)
+                       self.sender, list(self.recipients), self.notes)
 
     def _then(self, accepted: Callable[[], None], hook: str, *arguments: object):
         """``accepted()`` once the plugins for ``hook`` agree (at once without any)."""
@@ -426,7 +458,7 @@ class SMTPServer(Protocol):
 
     def _ehlo_reply(self) -> None:
         lines = [self.settings.me, "PIPELINING", "8BITMIME"]
-        if self._starttls_possible():
+        if can_upgrade(self.transport, self.factory.tls, self.encrypted):
             lines.append("STARTTLS")
         mechanisms = " ".join(self._mechanisms())
         if mechanisms and self.auth_user is None:
@@ -497,7 +529,7 @@ class SMTPServer(Protocol):
         address = with_default_host(address, self.settings)
 
         def accepted() -> None:
-            self.recipients.append((address, channel_for(address, self.settings)))
+            self.recipients.append(address)
             self.out.append(b"250 ok\r\n")
         return self._then(accepted, "rcpt", address)
 
@@ -509,14 +541,8 @@ class SMTPServer(Protocol):
             self.out.append(b"503 RCPT first (#5.5.1)\r\n")
             return
         self.out.append(b"354 go ahead\r\n")
-        self.in_data = True
-        self.data = bytearray(b"\r\n")  # so a message that is only "." ends at once
-        self.data_searched = 0
-        self.data_checked = 2
-        self.data_overflow = False
-        pending = self._take_buffer()
-        if pending:
-            self._data_chunk(pending)
+        self.reader = DataReader(self.databytes)
+        self.reader.feed(self._take_buffer())
 
     def smtp_rset(self, argument: str):
         self._reset()
@@ -539,11 +565,8 @@ class SMTPServer(Protocol):
 
     # -- STARTTLS (RFC 3207) --------------------------------------------------------
 
-    def _starttls_possible(self) -> bool:
-        return not self.encrypted and tls_ready(self.factory.tls)
-
     def smtp_starttls(self, argument: str):
-        if not self._starttls_possible():
+        if not can_upgrade(self.transport, self.factory.tls, self.encrypted):
             self.out.append(b"454 TLS not available (#4.3.0)\r\n")
             return
         if argument.strip():
@@ -562,15 +585,6 @@ class SMTPServer(Protocol):
         self.client.authenticated, self.client.auth_relay = None, False
         self._reset()
 
-    def _cipher(self) -> str:
-        if not self.encrypted:
-            return ""
-        try:
-            connection = self.transport.getHandle()
-            return f"{connection.get_protocol_version_name()}:{connection.get_cipher_name()}"
-        except Exception:  # a transport that cannot say
-            return "TLS"
-
     # -- AUTH (RFC 4954) ------------------------------------------------------------
 
     def _plaintext_allowed(self) -> bool:
@@ -579,18 +593,18 @@ class SMTPServer(Protocol):
         return self.encrypted or not (self.factory.submission or self.settings.authrequirestls)
 
     def _mechanisms(self) -> list[str]:
-        if self.factory.portal is None:
+        if self.factory.logins is None:
             return []
         # CRAM-MD5 sends no password, so TLS is not needed for it; it works for
-        # the users whose vpasswd line keeps the clear-text field.
+        # the users whose store keeps the clear-text password.
         if self._plaintext_allowed():
-            return ["LOGIN", "CRAM-MD5", "PLAIN"]
-        return ["CRAM-MD5"]
+            return list(sasl.MECHANISMS)
+        return [m for m in sasl.MECHANISMS if m not in sasl.PLAINTEXT_MECHANISMS]
 
     def smtp_auth(self, argument: str):
         mechanism, _, initial = argument.strip().partition(" ")
         mechanism = mechanism.upper()
-        if self.factory.portal is None:
+        if self.factory.logins is None:
             self.out.append(b"502 unimplemented (#5.5.1)\r\n")
         elif self.auth_user is not None:
             self.out.append(b"503 you're already authenticated (#5.5.0)\r\n")
@@ -598,123 +612,40 @@ class SMTPServer(Protocol):
             self.out.append(b"503 no auth during mail transaction (#5.5.0)\r\n")
         elif not mechanism:
             self.out.append(b"501 auth type required (#5.5.4)\r\n")
-        elif mechanism in PLAINTEXT_MECHANISMS and not self._plaintext_allowed():
+        elif mechanism in sasl.PLAINTEXT_MECHANISMS and not self._plaintext_allowed():
             self.out.append(REPLY_AUTH_NEEDS_TLS)
         elif mechanism not in self._mechanisms():
             self.out.append(b"504 auth type unimplemented (#5.5.1)\r\n")
-        elif self.factory.throttle.blocked(self.client.ip):
-            self.out.append(b"454 too many failed authentications, try again later (#4.7.0)\r\n")
-        elif mechanism == "PLAIN":
-            return self._auth_plain(initial.strip() or None)
-        elif mechanism == "LOGIN":
-            return self._auth_login(initial.strip() or None)
+        elif self.factory.logins.blocked(self.client.ip):
+            self.out.append(REPLY_AUTH_REFUSED[Refusal.BLOCKED])
         else:
-            return self._auth_cram()
+            self.exchange = sasl.exchange(mechanism, self.settings.me, self.factory.clock.seconds())
+            return self._auth_step(self.exchange.start(initial.strip() or None))
         return None
 
-    def _challenge(self, text: bytes, step: Callable[[str], object]) -> None:
-        self.out.append(b"334 " + base64.b64encode(text) + b"\r\n")
-        self.auth_step = step
-
-    def _decode(self, line: str) -> bytes | None:
-        """A client's base64 answer; None (and the reply given) for '*' or junk."""
-        line = line.strip()
-        if line == "*":
-            self.out.append(b"501 auth exchange cancelled (#5.0.0)\r\n")
+    def _auth_step(self, step: sasl.Step):
+        """A challenge keeps the exchange going; anything else ends it."""
+        if isinstance(step, sasl.Challenge):
+            self.out.append(step.line)
             return None
-        if line == "=":
-            return b""
-        try:
-            return base64.b64decode(line, validate=True)
-        except (binascii.Error, ValueError):
-            self.out.append(REPLY_AUTH_MALFORMED)
+        exchange, self.exchange = self.exchange, None
+        if isinstance(step, sasl.Ended):
+            self.out.append(step.reply)
             return None
+        return Deferred.fromCoroutine(self._authenticate(step, exchange.name))
 
-    def _auth_plain(self, initial: str | None):
-        if initial is None:
-            self._challenge(b"", self._plain_response)
-            return None
-        return self._plain_response(initial)
-
-    def _plain_response(self, line: str):
-        decoded = self._decode(line)
-        if decoded is None:
-            return None
-        parts = decoded.split(b"\0")
-        if len(parts) != 3 or not parts[1]:
-            self.out.append(REPLY_AUTH_MALFORMED)
-            return None
-        authzid, authcid, password = parts
-        if authzid and authzid.lower() != authcid.lower():
-            # Acting for another user (RFC 4616 authzid) is not something a mailbox may do.
-            return self._auth_failed("PLAIN", authcid)
-        return self._login(UsernamePassword(authcid, password), "PLAIN", authcid)
-
-    def _auth_login(self, initial: str | None):
-        if initial is None:
-            self._challenge(b"Username:", self._login_username)
-            return None
-        return self._login_username(initial)
-
-    def _login_username(self, line: str):
-        username = self._decode(line)
-        if username is None:
-            return None
-        self._challenge(b"Password:", lambda answer: self._login_password(username, answer))
-        return None
-
-    def _login_password(self, username: bytes, line: str):
-        password = self._decode(line)
-        if password is None:
-            return None
-        return self._login(UsernamePassword(username, password), "LOGIN", username)
-
-    def _auth_cram(self):
-        credentials = CramMD5Credentials()
-        credentials.challenge = f"<{secrets.randbelow(10**12)}.{int(time.time())}@{self.settings.me}>".encode()
-        self._challenge(credentials.challenge, lambda line: self._cram_response(credentials, line))
-        return None
-
-    def _cram_response(self, credentials: CramMD5Credentials, line: str):
-        response = self._decode(line)
-        if response is None:
-            return None
-        if b" " not in response.strip():
-            self.out.append(REPLY_AUTH_MALFORMED)
-            return None
-        credentials.setResponse(response.strip())
-        return self._login(credentials, "CRAM-MD5", credentials.username)
-
-    def _login(self, credentials, mechanism: str, username: bytes) -> Deferred:
-        attempt = self.factory.portal.login(credentials, None, IMailUser)
-        attempt.addCallbacks(self._auth_succeeded, lambda failure: self._auth_failed(mechanism, username, failure),
-                             callbackArgs=(mechanism,))
-        return attempt
-
-    def _auth_succeeded(self, login, mechanism: str) -> None:
-        _, user, _ = login
-        self.auth_user = user
-        self.client.authenticated = user.address
-        self.client.auth_relay = user.may_relay
-        self.factory.throttle.succeeded(self.client.ip)
-        log.info("smtpd: AUTH {mechanism} ok {user} from {ip}", mechanism=mechanism, user=user.address,
-                 ip=self.client.ip)
-        self.out.append(REPLY_AUTH_OK)
+    async def _authenticate(self, credentials: ICredentials, mechanism: str) -> None:
+        result = await self.factory.logins.login(credentials, self.client.ip, f"AUTH {mechanism}")
+        if self.transport is None:
+            return
+        if result.user is None:
+            self.out.append(REPLY_AUTH_REFUSED[result.refusal])
+        else:
+            self.auth_user = result.user
+            self.client.authenticated = result.user.address
+            self.client.auth_relay = result.user.may_relay
+            self.out.append(REPLY_AUTH_OK)
         self._flush()
-
-    def _auth_failed(self, mechanism: str, username: bytes, failure=None) -> Deferred:
-        if failure is not None and not failure.check(UnauthorizedLogin):
-            log.failure("smtpd: AUTH {mechanism} could not be checked", failure, mechanism=mechanism)
-        name = username.decode("utf-8", "replace")[:100]
-        log.info("smtpd: AUTH {mechanism} failed for {name!r} from {ip}", mechanism=mechanism, name=name,
-                 ip=self.client.ip)
-        delay = self.factory.throttle.failed(self.client.ip)
-
-        def answer() -> None:
-            if self.transport is not None:
-                self.out.append(REPLY_AUTH_FAILED)
-                self._flush()
-        return deferLater(self.factory.clock, delay, answer)
 
     COMMANDS: dict[str, Callable] = {
         "HELO": smtp_helo, "EHLO": smtp_ehlo, "MAIL": smtp_mail, "RCPT": smtp_rcpt,
@@ -727,52 +658,35 @@ class SMTPServer(Protocol):
 
     # -- message data -----------------------------------------------------------------
 
-    def _data_chunk(self, chunk: bytes) -> None:
-        self.data += chunk
-
     def _data_complete(self) -> bool:
-        """Finish the message if its terminator has arrived; False while waiting.
-
-        Like qmail-smtpd, answer a bare LF as soon as it arrives (an LF-only
-        client would never send CRLF.CRLF), and past the size limit keep only
-        the tail that may still hold the terminator."""
-        data = self.data
-        end = data.find(TERMINATOR, self.data_searched)
-        checked_to = end + len(TERMINATOR) if end >= 0 else len(data)
-        start = self.data_checked  # every LF before it follows a CR; start >= 1
-        if data.count(b"\n", start, checked_to) != data.count(b"\r\n", start - 1, checked_to):
+        """Finish the message if its terminator has arrived; False while waiting."""
+        reader = self.reader
+        try:
+            ended = reader.end()
+        except BareLF:
             self._bare_lf()
             return False
-        if end < 0:
-            self.data_checked = len(data)
-            if len(data) > 2 * (self.databytes or HARD_DATA_LIMIT) + 65536:
-                # Too big even if it were all CRLFs.
-                self.data_overflow = True
-                del data[:-4]
-                self.data_checked = len(data)
-            self.data_searched = max(0, len(data) - 4)
+        if ended is None:
             return False
-        raw = bytes(data[2:end + 2])
-        self.buffer, self.offset = bytes(data[end + 5:]) + self._take_buffer(), 0
-        self.data = bytearray()
-        self.in_data = False
-        result = self._message(raw)
+        raw, after = ended
+        self.reader = None
+        self.buffer, self.offset = after + self._take_buffer(), 0
+        result = self._message(raw, reader.overflow)
         if isinstance(result, Deferred):
             self._wait_for(result)
         return True
 
     def _bare_lf(self) -> None:
         self._reset()
-        self.in_data = False
-        self.data = bytearray()
+        self.reader = None
         self.out.append(REPLY_BARE_LF)
         self._flush()
         self._close()
 
-    def _message(self, raw: bytes):
+    def _message(self, raw: bytes, overflow: bool):
         sender, recipients = self.sender, self.recipients
         self._reset()
-        if self.data_overflow:
+        if overflow:
             self.out.append(REPLY_SIZE)
             return None
         message = unstuff(raw)
@@ -786,18 +700,18 @@ class SMTPServer(Protocol):
         if chain:
             # The data hook sees the transaction as it was; headers it adds go on top.
             session = self._hook_session()
-            session.sender, session.recipients = sender, [address for address, _ in recipients]
+            session.sender, session.recipients = sender, list(recipients)
             return self._ask(chain, "data", (message,),
                              lambda answer: self._queue(sender, recipients, message, answer.header_block),
                              session=session)
         return self._queue(sender, recipients, message)
 
     def _queue(self, sender: str, recipients: list, message: bytes, added: bytes = b"") -> Deferred:
-        now = time.time()
+        now = self.factory.clock.seconds()
         protocol = self.protocol_name + ("S" if self.encrypted else "") + ("A" if self.auth_user else "")
         user = self.auth_user.address if self.auth_user is not None else ""
         message = added + received_header(self.helo, self.client.ip, self.settings.me, protocol, now,
-                                          self._cipher(), user) + message
+                                          cipher_of(self.transport) if self.encrypted else "", user) + message
         accepted = self.factory.queue.accept(sender, recipients, message)
         accepted.addCallbacks(self._queued, self._queue_failed)
         return accepted
@@ -823,14 +737,13 @@ class SMTPFactory(Factory):
     protocol = SMTPServer
 
     def __init__(self, *, settings: Callable[[], Settings], rules, queue, queued: Callable,
-                 clock, grants=None, submission: bool = False, tls=None, portal=None, throttle=None,
+                 clock, grants=None, submission: bool = False, tls=None, logins: Logins | None = None,
                  hooks: Hooks | None = None, plugin_context: PluginContext | None = None):
         self.hooks = hooks
         self.plugin_context = plugin_context
         self.submission = submission
         self.tls = tls
-        self.portal = portal
-        self.throttle = throttle
+        self.logins = logins
         self.settings = settings
         self.rules = rules
         self.queue = queue

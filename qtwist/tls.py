@@ -9,17 +9,19 @@ picked up by the next handshake without a restart.
 from __future__ import annotations
 
 import datetime
-import os
 from pathlib import Path
 from typing import Callable
 
 from OpenSSL import SSL
-from twisted.internet.interfaces import IHandshakeListener, IOpenSSLServerConnectionCreator, ISSLTransport
+from twisted.internet.interfaces import (IHandshakeListener, IOpenSSLServerConnectionCreator, ISSLTransport,
+                                         ITLSTransport)
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.protocols.policies import ProtocolWrapper, TimeoutMixin, WrappingFactory
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from zope.interface import directlyProvides, implementer, providedBy
+
+from qtwist.fsutil import StatCache, replace_file
 
 log = Logger(namespace="qtwist.tls")
 
@@ -40,8 +42,7 @@ class ServerTLS:
 
     def __init__(self, path: Callable[[], Path | None]):
         self._path = path
-        self._signature: tuple | None = None
-        self._context: SSL.Context | None = None
+        self._contexts: StatCache[SSL.Context | None] = StatCache(self._load)
 
     def available(self) -> bool:
         """Whether TLS can be offered right now (STARTTLS/STLS are advertised only then)."""
@@ -62,14 +63,9 @@ class ServerTLS:
         if path is None:
             return None
         try:
-            stat = os.stat(path)
-        except OSError:
+            return self._contexts.get(path)
+        except OSError:  # control/ not searchable: no TLS, as with no certificate
             return None
-        signature = (str(path), stat.st_mtime_ns, stat.st_size, stat.st_ino)
-        if signature != self._signature:
-            self._signature = signature
-            self._context = self._load(path)
-        return self._context
 
     @staticmethod
     def _load(path: Path) -> SSL.Context | None:
@@ -100,6 +96,29 @@ def tls_ready(options: object | None) -> bool:
     """Whether a context factory can do a handshake now: a ServerTLS has none
     while servercert.pem is missing or broken."""
     return options is not None and (not isinstance(options, ServerTLS) or options.available())
+
+
+# -- STARTTLS (SMTP, RFC 3207) and STLS (POP3, RFC 2595) alike ---------------------------------
+
+def is_encrypted(transport: object) -> bool:
+    """True for implicit TLS (smtps, pop3s); a session that upgrades later
+    keeps its own flag, since a wrapper around the transport may not show it."""
+    return ISSLTransport.providedBy(transport)
+
+
+def can_upgrade(transport: object, options: object | None, encrypted: bool) -> bool:
+    """Whether STARTTLS/STLS may be offered: a plain connection that can start
+    TLS, and a usable certificate."""
+    return not encrypted and ITLSTransport.providedBy(transport) and tls_ready(options)
+
+
+def cipher_of(transport: object) -> str:
+    """``TLSv1.3:TLS_AES_256_GCM_SHA384`` for the Received: line of an encrypted session."""
+    try:
+        connection = transport.getHandle()  # type: ignore[attr-defined]
+        return f"{connection.get_protocol_version_name()}:{connection.get_cipher_name()}"
+    except Exception:  # a transport that cannot say
+        return "TLS"
 
 
 @implementer(IHandshakeListener)
@@ -174,10 +193,4 @@ def make_self_signed(path: Path, hostname: str) -> None:
                    .sign(key, hashes.SHA256()))
     pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.TraditionalOpenSSL,
                             serialization.NoEncryption()) + certificate.public_bytes(serialization.Encoding.PEM)
-    scratch = path.with_name(f".{path.name}.new")
-    fd = os.open(scratch, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as handle:
-        handle.write(pem)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(scratch, path)
+    replace_file(path, pem, 0o600)

@@ -11,28 +11,20 @@ from __future__ import annotations
 
 import fcntl
 import functools
-import hashlib
-import hmac
 import os
 import re
 import secrets
 import shutil
-import tempfile
-import threading
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
 import bcrypt
-from twisted.cred.checkers import ICredentialsChecker
-from twisted.cred.credentials import IUsernameHashedPassword, IUsernamePassword
-from twisted.cred.error import UnauthorizedLogin
-from twisted.cred.portal import IRealm, Portal
-from twisted.internet.defer import Deferred
-from twisted.internet.threads import deferToThread
-from zope.interface import Interface, implementer
 from passlib.hash import md5_crypt, sha256_crypt, sha512_crypt
+from zope.interface import Interface, implementer
+
+from qtwist.fsutil import StatCache, fsync_directory, replace_file
 
 # vpopmail's gid flag bits (vpopmail.h).
 NO_PASSWD_CHNG = 0x01
@@ -233,29 +225,8 @@ def _format_line(name: str, hashed: str, uid: int, gid: int, gecos: str, user_di
     return f"{name}:{hashed}:{uid}:{gid}:{gecos}:{user_dir}:{quota}:{cleartext}"
 
 
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _replace_file(path: Path, text: str, mode: int) -> None:
-    """Write ``text`` to ``path`` so that readers see the old or the new file, never half."""
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", errors="surrogateescape",
-                       newline="\n") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fchmod(handle.fileno(), mode)
-            os.fsync(handle.fileno())
-        os.rename(tmp_name, path)
-    except BaseException:
-        os.unlink(tmp_name)
-        raise
-    _fsync_dir(path.parent)
+    replace_file(path, text.encode("utf-8", "surrogateescape"), mode)
 
 
 @contextmanager
@@ -285,6 +256,23 @@ def _lines_text(lines: list[str]) -> str:
     return "".join(f"{line}\n" for line in lines)
 
 
+class IUserStore(Interface):
+    """Where users live: the vpasswd files (UserDB) or, next, vpopmail's SQL tables.
+
+    Logins (login.py), local delivery and chkuser read users only through
+    this.  Every method may block (on the disk, or on a database): callers
+    run them in worker threads, never on the reactor thread.
+    """
+
+    def lookup(address: str) -> User | None:
+        """The user for ``user@domain`` (any case), or None."""
+
+    def authenticate(address: str, password: str) -> User | None:
+        """The user when ``password`` is right; None for a wrong password or an
+        unknown user, taking as long either way."""
+
+
+@implementer(IUserStore)
 class UserDB:
     """The vpasswd tables under HOME/domains, read on demand and edited safely.
 
@@ -295,8 +283,7 @@ class UserDB:
 
     def __init__(self, home: Path) -> None:
         self.home = Path(os.path.abspath(home))
-        self._cache: dict[str, tuple[tuple[int, int, int], dict[str, User]]] = {}
-        self._cache_lock = threading.Lock()
+        self._tables: StatCache[dict[str, User]] = StatCache(self._read_table)
 
     # -- reading ---------------------------------------------------------------
 
@@ -305,32 +292,16 @@ class UserDB:
 
     def _table(self, domain: str) -> dict[str, User] | None:
         """The domain's users by lower-case name, re-read when the file changed."""
-        path = self._domain_dir(domain) / "vpasswd"
-        try:
-            st = os.stat(path)
-        except FileNotFoundError:
-            with self._cache_lock:
-                self._cache.pop(domain, None)
-            return None
-        with self._cache_lock:
-            cached = self._cache.get(domain)
-        if cached is not None and cached[0] == (st.st_mtime_ns, st.st_size, st.st_ino):
-            return cached[1]
-        try:
-            with open(path, "rb") as handle:
-                # Key the cache by the file actually read, not the one stat()ed.
-                st = os.fstat(handle.fileno())
-                text = handle.read().decode("utf-8", errors="surrogateescape")
-        except FileNotFoundError:
-            return None
-        domain_dir = self._domain_dir(domain)
+        return self._tables.get(self._domain_dir(domain) / "vpasswd")
+
+    def _read_table(self, path: Path) -> dict[str, User]:
+        text = path.read_bytes().decode("utf-8", errors="surrogateescape")
+        domain_dir = path.parent
         table: dict[str, User] = {}
         for line in _split_lines(text):
-            user = _parse_line(line, domain, domain_dir)
+            user = _parse_line(line, domain_dir.name, domain_dir)
             if user is not None:
                 table.setdefault(user.name, user)  # the first line wins, as in vpopmail
-        with self._cache_lock:
-            self._cache[domain] = ((st.st_mtime_ns, st.st_size, st.st_ino), table)
         return table
 
     def lookup(self, address: str) -> User | None:
@@ -405,7 +376,7 @@ class UserDB:
             except FileExistsError:
                 raise UsersError(f"the domain {domain} already exists") from None
             _replace_file(domain_dir / "vpasswd", "", 0o600)
-            _fsync_dir(domains_dir)
+            fsync_directory(domains_dir)
 
             def add(lines: list[str]) -> list[str] | None:
                 listed = {line.strip().lower() for line in lines}
@@ -422,9 +393,8 @@ class UserDB:
                 return None if len(kept) == len(lines) else kept
             self._rcpthosts_edit(remove)
             shutil.rmtree(self._domain_dir(domain))
-            _fsync_dir(domains_dir)
-        with self._cache_lock:
-            self._cache.pop(domain, None)
+            fsync_directory(domains_dir)
+        self._tables.forget(self._domain_dir(domain) / "vpasswd")
 
     def _edit_vpasswd(self, domain: str, change: Callable[[list[str]], list[str]]) -> None:
         """Rewrite the domain's vpasswd under its lock with ``change`` applied to its lines."""
@@ -467,7 +437,7 @@ class UserDB:
             created = True
             for sub in ("", "/cur", "/new", "/tmp"):
                 os.mkdir(f"{user_dir}/Maildir{sub}", 0o700)
-            _fsync_dir(user_dir.parent)
+            fsync_directory(user_dir.parent)
             # vadduser keeps the file sorted: the new line goes before the first greater name.
             at = next((index for index, old in enumerate(lines) if name < _line_name(old)),
                       len(lines))
@@ -510,7 +480,7 @@ class UserDB:
             user_dir = Path(os.path.abspath(user.dir))
             if user_dir.parent == domain_dir and user_dir.is_dir():
                 shutil.rmtree(user_dir)
-                _fsync_dir(domain_dir)
+                fsync_directory(domain_dir)
 
     def set_password(self, address: str, password: str, cleartext: bool | None = None) -> None:
         """Give the user a new password.
@@ -533,85 +503,3 @@ class UserDB:
             return lines[:index] + [":".join(fields)] + lines[index + 1:]
 
         self._edit_vpasswd(domain, change)
-
-
-# -- Twisted cred: SMTP AUTH and POP3 log in through a Portal --------------------
-
-class IMailUser(Interface):
-    """The avatar of a logged-in mailbox user: the vpasswd User."""
-
-
-@implementer(ICredentialsChecker)
-class VpasswdChecker:
-    """Checks credentials against vpasswd for one service ('smtp' or 'pop3').
-
-    Passwords (PLAIN, LOGIN, USER/PASS) are verified against the stored hash
-    in a worker thread, since sha512-crypt and bcrypt cost milliseconds;
-    challenge mechanisms (CRAM-MD5, APOP) need the clear-text field.  A user
-    whose vpasswd flags forbid the service is refused like a wrong password.
-    """
-
-    credentialInterfaces = (IUsernamePassword, IUsernameHashedPassword)
-
-    def __init__(self, users: UserDB, service: str):
-        self.users = users
-        self.service = service
-
-    def requestAvatarId(self, credentials) -> Deferred:
-        address = _text(credentials.username)
-        if IUsernamePassword.providedBy(credentials):
-            checked = deferToThread(self.users.authenticate, address, _text(credentials.password))
-        else:
-            # The look-up may read vpasswd: a worker thread's job, like the hashing.
-            checked = deferToThread(self._challenge_answered, address, credentials)
-        return checked.addCallback(self._allowed)
-
-    def _challenge_answered(self, address: str, credentials) -> User | None:
-        """The user when a CRAM-MD5 or APOP answer matches the clear-text field."""
-        user = self.users.lookup(address)
-        secret = user.cleartext if user is not None else ""
-        if secret and credentials.checkPassword(secret.encode("utf-8", "surrogateescape")):
-            return user
-        return None
-
-    def _allowed(self, user: User | None) -> User:
-        permitted = user is not None and (user.may_smtp if self.service == "smtp" else user.may_pop)
-        if not permitted:
-            raise UnauthorizedLogin()
-        return user
-
-
-@implementer(IUsernameHashedPassword)
-class APOPCredentials:
-    """An APOP answer (RFC 1939 §7): the MD5 hex digest of the greeting's timestamp
-    followed by the clear-text password.
-
-    Twisted's ``pop3.APOPCredentials`` compares str with bytes and never matches.
-    """
-
-    def __init__(self, username: bytes, timestamp: bytes, digest: bytes) -> None:
-        self.username = username
-        self.timestamp = timestamp
-        self.digest = digest
-
-    def checkPassword(self, password: bytes) -> bool:
-        expected = hashlib.md5(self.timestamp + password).hexdigest().encode("ascii")
-        return hmac.compare_digest(expected, self.digest.lower())
-
-
-@implementer(IRealm)
-class MailRealm:
-    """Hands out the User the checker found."""
-
-    def requestAvatar(self, avatarId, mind, *interfaces):
-        if IMailUser not in interfaces:
-            raise NotImplementedError("qtwist only knows mail users")
-        return IMailUser, avatarId, lambda: None
-
-
-def mail_portal(users: UserDB, service: str) -> Portal:
-    return Portal(MailRealm(), [VpasswdChecker(users, service)])
-
-
-def _text(value: bytes | str) -> str:
-    return value.decode("utf-8", "surrogateescape") if isinstance(value, bytes) else value

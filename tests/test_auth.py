@@ -411,7 +411,7 @@ def test_smtp_port_accepts_each_mechanism_before_starttls(mx, sink, mechanism):
     received = received_of(sink.wait_for(marker.encode()).data)
     assert received["protocol"] == b"ESMTPA" and received["cipher"] is None
     assert (received["user"], received["ip"]) == (ALICE.encode(), source.encode())
-    mx.wait_for_log(f"smtpd: AUTH {mechanism} ok {ALICE} from {source}")
+    mx.wait_for_log(f"smtpd: AUTH {mechanism} login ok {ALICE} from {source}")
 
 
 @pytest.mark.parametrize("mechanism", MECHANISMS)
@@ -587,9 +587,9 @@ def test_passwords_never_reach_the_log(mx):
             client.ehlo("c")
             assert smtplib_auth(client, mechanism, ALICE, wrong)[0] == 535
             assert smtplib_auth(client, mechanism, ALICE, PASSWORD)[0] == 235
-        mx.wait_for_log(f"smtpd: AUTH {mechanism} ok {ALICE} from {source}")
+        mx.wait_for_log(f"smtpd: AUTH {mechanism} login ok {ALICE} from {source}")
     log = mx.log
-    assert "AUTH CRAM-MD5 failed" in log  # the attempts are logged, only without secrets
+    assert "AUTH CRAM-MD5 login failed" in log  # the attempts are logged, only without secrets
     for password in secrets_sent:
         for form in (password, b64(password), plain_response(ALICE, password)):
             assert form not in log, f"{form!r} is in the server log"
@@ -613,7 +613,7 @@ def test_failed_auth_is_slowed_then_refused_per_client_ip(start_server):
     second: list[tuple[object, float]] = []
     guessing = threading.Thread(target=lambda: second.append(timed(lambda: attempt(attacker, "guess-2"))))
     guessing.start()
-    wait_until(lambda: server.log.count(f"AUTH PLAIN failed for '{ALICE}' from {attacker}") == 2,
+    wait_until(lambda: server.log.count(f"AUTH PLAIN login failed for '{ALICE}' from {attacker}") == 2,
                "the second guess to be counted")
     reply, other_wait = timed(lambda: attempt(other, PASSWORD))
     guessing.join(DEADLINE)

@@ -142,7 +142,7 @@ def write_segment(home: Path, *records: bytes) -> None:
 
 
 def queued(message_id: int, born: float, sender: str, recipients: list, body: bytes) -> bytes:
-    from qtwist.queue import message_record
+    from qtwist.queue.records import message_record
 
     return message_record(message_id, born, sender, recipients, body)[0]
 
@@ -154,14 +154,16 @@ def test_qstat_and_qread_on_an_empty_queue(home):
 
 
 def test_qread_prints_qmail_qreads_format(home):
-    from qtwist.queue import DELIVERED, Recipient, result_record
+    from qtwist.queue import DELIVERED, Recipient
+    from qtwist.queue.records import result_record
 
-    first = [Recipient("bob@remote.test", "remote"), Recipient("alice@example.test", "local"),
-             Recipient("carol@remote.test", "remote", DELIVERED, "ok")]
+    (home / "domains" / "example.test").mkdir(parents=True)  # qread routes as the server does
+    first = [Recipient("bob@remote.test"), Recipient("alice@example.test"),
+             Recipient("carol@remote.test", DELIVERED, "ok")]
     write_segment(home,
                   queued(7, 1795461414.0, "alice@example.test", first, b"Subject: a\n\nhi\n"),
                   result_record(7, 2, first[2]),
-                  queued(8, 1795461415.0, "", [Recipient("x\ty@remote.test", "remote")], b"x\n"))
+                  queued(8, 1795461415.0, "", [Recipient("x\ty@remote.test")], b"x\n"))
     assert ok(qtwist(home, "qstat")).startswith("messages in queue: 2\n")
     assert ok(qtwist(home, "qread")).splitlines() == [
         "23 Nov 2026 19:16:54 GMT  #7  15  <alice@example.test> ",
@@ -179,7 +181,7 @@ def test_queue_rm_by_id_and_by_match(home):
     envelopes = [("a@example.test", "b@r.test"), ("spam@bad.test", "c@r.test"),
                  ("d@example.test", "e@bad.test")]
     write_segment(home, *(queued(number, 1795461414.0 + number, sender,
-                                 [Recipient(recipient, "remote")], b"x\n")
+                                 [Recipient(recipient)], b"x\n")
                           for number, (sender, recipient) in enumerate(envelopes, 1)))
     assert ok(qtwist(home, "queue", "rm", "1")) == "removed 1 message(s)\n"
     assert ok(qtwist(home, "queue", "rm", "--match", "BAD.test")) == "removed 2 message(s)\n"

@@ -15,7 +15,7 @@ from typing import Iterator
 
 import pytest
 
-from qtwist.queue import TODO_BATCH_FILES, drop_todo
+from qtwist.queue.todo import TODO_BATCH_FILES, drop_todo
 from serverutil import DOMAIN, ME, Home, Server, SMTPSink, child_environment, make_home, wait_until
 
 ALICE = f"alice@{DOMAIN}"

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from qtwist import local
+from qtwist import local, maildir
 from qtwist.control import Settings, load
 from qtwist.delivery import Outcome
 from qtwist.users import BOUNCE_MAIL, UserDB
@@ -480,7 +480,7 @@ def test_directory_fsyncs_are_shared_by_deliveries_that_wait_together(tmp_path, 
     directory.mkdir()
     first_started, release = threading.Event(), threading.Event()
     synced: list[str] = []
-    real_fsync_dir = local._fsync_dir
+    real_fsync_dir = maildir.fsync_directory
 
     def counting_fsync_dir(path: str) -> None:
         synced.append(path)
@@ -489,8 +489,8 @@ def test_directory_fsyncs_are_shared_by_deliveries_that_wait_together(tmp_path, 
             assert release.wait(10)
         real_fsync_dir(path)
 
-    monkeypatch.setattr(local, "_fsync_dir", counting_fsync_dir)
-    syncs = local.DirectorySyncs()
+    monkeypatch.setattr(maildir, "fsync_directory", counting_fsync_dir)
+    syncs = maildir.DirectorySyncs()
     first = threading.Thread(target=syncs.sync, args=(str(directory),))
     first.start()
     assert first_started.wait(10)

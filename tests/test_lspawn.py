@@ -73,7 +73,7 @@ class LocalSpawnTests(TestCase):
         return result
 
     async def queued(self, sender: str = "carol@remote.test") -> QueuedMessage:
-        return await self.queue.accept(sender, [(f"alice@{DOMAIN}", "local")], MESSAGE)
+        return await self.queue.accept(sender, [f"alice@{DOMAIN}"], MESSAGE)
 
     def child_pid(self) -> int | None:
         child = self.spawn._child

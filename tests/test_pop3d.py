@@ -31,9 +31,10 @@ from twisted.trial import unittest
 
 from qtwist.control import Settings
 from qtwist.grants import Grants
-from qtwist.pop3d import POP3Factory, crlf_chunks, dot_stuffed, top_chunks, with_seen_flag
-from qtwist.throttle import FailureThrottle
-from qtwist.users import UserDB, mail_portal
+from qtwist.login import FailureThrottle, Logins, mail_portal
+from qtwist.maildir import SEEN, with_flag
+from qtwist.pop3d import POP3Factory, crlf_chunks, dot_stuffed, top_chunks
+from qtwist.users import UserDB
 
 ALICE = "alice@example.test"
 PASSWORD = "secret"
@@ -110,7 +111,7 @@ def test_dot_stuffing_doubles_leading_dots_across_chunks() -> None:
     ("123.abc.host:2,S", "123.abc.host:2,S"),
 ])
 def test_seen_flag_is_added_in_ascii_order(name: str, expected: str) -> None:
-    assert with_seen_flag(name) == expected
+    assert with_flag(name, SEEN) == expected
 
 
 class POP3ServerTests(unittest.TestCase):
@@ -130,7 +131,7 @@ class POP3ServerTests(unittest.TestCase):
         self.throttle = FailureThrottle(reactor, lambda: (self.settings.authfaillimit,
                                                           self.settings.authfailwindow,
                                                           self.settings.authfailblock))
-        self.factory = POP3Factory(portal=mail_portal(self.users, "pop3"), throttle=self.throttle,
+        self.factory = POP3Factory(logins=Logins("pop3d", mail_portal(self.users, "pop3"), self.throttle, reactor),
                                    grants=self.grants, settings=lambda: self.settings,
                                    tls_options=self.tls_options)
         # Tracks the server side of each connection, so a test ends only once all have closed.

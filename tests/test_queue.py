@@ -10,9 +10,11 @@ from pathlib import Path
 from twisted.internet import reactor
 from twisted.trial import unittest
 
-from qtwist import queue as qmod
-from qtwist.queue import DELIVERED, FAILED, TODO_SCRATCH_LIFETIME, Queue, QueueError, drop_todo, queue_read, \
-    queue_remove, queue_stat, remove_todo, scan, take_todo
+from qtwist.queue import DELIVERED, FAILED, Queue, QueueError
+from qtwist.queue.admin import queue_read, queue_remove, queue_stat
+from qtwist.queue import records, writer
+from qtwist.queue.records import scan
+from qtwist.queue.todo import TODO_SCRATCH_LIFETIME, drop_todo, remove_todo, take_todo
 
 
 class QueueTests(unittest.TestCase):
@@ -26,7 +28,7 @@ class QueueTests(unittest.TestCase):
         return self.queue.close()
 
     async def test_accepted_message_is_on_disk_when_the_deferred_fires(self) -> None:
-        message = await self.queue.accept("a@x.test", [("b@example.test", "local")], b"Subject: hi\n\nbody\n")
+        message = await self.queue.accept("a@x.test", ["b@example.test"], b"Subject: hi\n\nbody\n")
         found = scan(self.home / "queue").messages
         self.assertIn(message.id, found)
         self.assertEqual(found[message.id].read_body(), b"Subject: hi\n\nbody\n")
@@ -36,7 +38,7 @@ class QueueTests(unittest.TestCase):
     async def test_concurrent_accepts_share_the_log_and_keep_their_bodies(self) -> None:
         from twisted.internet.defer import gatherResults
         bodies = [f"message {i}\n".encode() * (i + 1) for i in range(50)]
-        messages = await gatherResults([self.queue.accept("s@x.test", [("r@y.test", "remote")], body)
+        messages = await gatherResults([self.queue.accept("s@x.test", ["r@y.test"], body)
                                         for body in bodies])
         self.assertEqual(len({m.id for m in messages}), 50)
         stored = scan(self.home / "queue").messages
@@ -44,12 +46,12 @@ class QueueTests(unittest.TestCase):
             self.assertEqual(stored[message.id].read_body(), body)
 
     async def test_results_and_end_are_recovered_after_restart(self) -> None:
-        message = await self.queue.accept("s@x.test", [("a@y.test", "remote"), ("b@y.test", "remote")], b"x\n")
+        message = await self.queue.accept("s@x.test", ["a@y.test", "b@y.test"], b"x\n")
         message.recipients[0].state = DELIVERED
         self.queue.record_result(message, 0)
         message.recipients[1].state, message.recipients[1].text = FAILED, "no such user"
         self.queue.record_result(message, 1)
-        other = await self.queue.accept("s@x.test", [("c@y.test", "remote")], b"y\n")
+        other = await self.queue.accept("s@x.test", ["c@y.test"], b"y\n")
         await self.queue.end(other, "done")
         await self.queue.close()
 
@@ -60,10 +62,10 @@ class QueueTests(unittest.TestCase):
         self.assertEqual(states, [(DELIVERED, ""), (FAILED, "no such user")])
 
     async def test_torn_tail_is_cut_and_earlier_messages_stay(self) -> None:
-        message = await self.queue.accept("s@x.test", [("a@y.test", "remote")], b"kept\n")
+        message = await self.queue.accept("s@x.test", ["a@y.test"], b"kept\n")
         await self.queue.close()
         segment = next((self.home / "queue" / "seg").iterdir())
-        record, _ = qmod.message_record(message.id + 1, 0.0, "s@x.test", [], b"half a message")
+        record, _ = records.message_record(message.id + 1, 0.0, "s@x.test", [], b"half a message")
         with open(segment, "ab") as handle:
             handle.write(record[:-5])  # a write that never finished: no 250 was given
         self.queue = Queue(self.home, reactor)
@@ -72,8 +74,8 @@ class QueueTests(unittest.TestCase):
         self.assertEqual(recovered[0].read_body(), b"kept\n")
 
     async def test_damaged_record_is_skipped_and_a_copy_kept(self) -> None:
-        first = await self.queue.accept("s@x.test", [("a@y.test", "remote")], b"first message body\n")
-        second = await self.queue.accept("s@x.test", [("a@y.test", "remote")], b"second message body\n")
+        first = await self.queue.accept("s@x.test", ["a@y.test"], b"first message body\n")
+        second = await self.queue.accept("s@x.test", ["a@y.test"], b"second message body\n")
         await self.queue.close()
         segment = next((self.home / "queue" / "seg").iterdir())
         data = bytearray(segment.read_bytes())
@@ -98,17 +100,17 @@ class QueueTests(unittest.TestCase):
         self.assertRaises(QueueError, other.open)
 
     async def test_segment_file_is_removed_when_all_its_messages_ended(self) -> None:
-        self.patch(qmod, "SEGMENT_LIMIT", 1)  # every message gets a segment of its own
-        messages = [await self.queue.accept("s@x.test", [("a@y.test", "remote")], b"m\n") for _ in range(3)]
+        self.patch(writer, "SEGMENT_LIMIT", 1)  # every message gets a segment of its own
+        messages = [await self.queue.accept("s@x.test", ["a@y.test"], b"m\n") for _ in range(3)]
         for message in messages[:2]:
             await self.queue.end(message, "done")
-        await self.queue.accept("s@x.test", [("a@y.test", "remote")], b"m\n")  # lets the writer catch up
+        await self.queue.accept("s@x.test", ["a@y.test"], b"m\n")  # lets the writer catch up
         names = sorted(os.listdir(self.home / "queue" / "seg"))
         self.assertEqual(len(names), 2)
         self.assertNotIn(f"{messages[0].id:012d}", names)
 
     async def test_remove_without_a_server_appends_end_records(self) -> None:
-        message = await self.queue.accept("s@x.test", [("a@y.test", "remote")], b"m\n")
+        message = await self.queue.accept("s@x.test", ["a@y.test"], b"m\n")
         await self.queue.close()
         self.assertEqual([m.id for m in queue_read(self.home)], [message.id])
         self.assertEqual(queue_remove(self.home, [str(message.id)], None), 1)

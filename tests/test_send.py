@@ -24,9 +24,9 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import TestCase
 
 from qtwist.control import load
-from qtwist.policy import channel_for
-from qtwist.queue import BOUNCED, DELIVERED, FAILED, PENDING, Queue, QueuedMessage, queue_flush, queue_read, \
-    queue_remove, queue_stat
+from qtwist.lspawn import LocalSpawn
+from qtwist.queue import BOUNCED, DELIVERED, FAILED, PENDING, Queue, QueuedMessage
+from qtwist.queue.admin import queue_flush, queue_read, queue_remove, queue_stat
 from qtwist.remote import RemoteDelivery
 from qtwist.resolver import Lookups
 from qtwist.send import Scheduler, log_safe, next_retry
@@ -207,7 +207,7 @@ class SchedulerTestCase(TestCase):
         settings, errors = load(home)
         self.assertEqual(errors, [])
         remote = RemoteDelivery(reactor, lookups=Lookups(reactor, None), remote_port=self.sink_port)
-        scheduler = Scheduler(home, Queue(home, reactor), lambda: settings, remote, reactor)
+        scheduler = Scheduler(Queue(home, reactor), lambda: settings, LocalSpawn(reactor, home), remote, reactor)
         scheduler.startService()
         self.schedulers.append(scheduler)
         self.addCleanup(self.stop, scheduler)
@@ -245,8 +245,7 @@ class SchedulerTestCase(TestCase):
 
     async def accept(self, scheduler: Scheduler, sender: str, recipients: list[str],
                      body: bytes = MESSAGE) -> QueuedMessage:
-        settings = scheduler.settings()
-        return await scheduler.queue.accept(sender, [(r, channel_for(r, settings)) for r in recipients], body)
+        return await scheduler.queue.accept(sender, recipients, body)
 
     def log_match(self, pattern: str) -> re.Match | None:
         """The first qmail-send log line matching ``pattern`` in full."""
@@ -594,8 +593,8 @@ class RestartTests(SchedulerTestCase):
         # A crash between the last result record and the end record.
         queue = Queue(home, reactor)
         queue.open()
-        message = await queue.accept("alice@example.test", [("gone@remote.test", "remote"),
-                                                            ("ok@remote.test", "remote")], MESSAGE)
+        message = await queue.accept("alice@example.test", ["gone@remote.test",
+                                                            "ok@remote.test"], MESSAGE)
         gone, ok = message.recipients
         gone.state, gone.text = FAILED, "127.0.0.1 does not like recipient.\nRemote host said: 550 gone"
         queue.record_result(message, 0)
