@@ -17,23 +17,20 @@ from email.utils import formatdate
 from typing import Callable
 
 from twisted.cred.credentials import ICredentials
-from twisted.internet import tcp
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IPushProducer
-from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.protocol import Factory
 from twisted.logger import Logger
-from zope.interface import implementer
 
 from qtwist import sasl
 from qtwist.control import Settings
 from qtwist.hooks import Answer, Hooks, PluginContext, Session
 from qtwist.login import Logins, Refusal, client_address
+from qtwist.pipelining import PipeliningServer, write_now
 from qtwist.policy import ClientInfo, bad_mail_from, bad_rcpt_to, rcpt_allowed, with_default_host
 from qtwist.tls import can_upgrade, cipher_of, is_encrypted
 
 log = Logger(namespace="qtwist.smtpd")
 
-MAX_LINE = 4096
 MAX_RECIPIENTS = 1000
 MAX_HOPS = 100
 HARD_DATA_LIMIT = 128 * 1024 * 1024  # when databytes is 0 (unlimited): memory still has an end
@@ -173,33 +170,11 @@ class DataReader:
         return bytes(data[2:end + 2]), bytes(data[end + 5:])
 
 
-def write_now(transport, data: bytes) -> None:
-    """Send a reply at once when the socket can take it.
-
-    Twisted's write() only queues the bytes and waits for the next poll,
-    which costs two epoll_ctl calls and a loop turn per reply: an eighth of
-    the reactor's time when every message is its own short session.  On a
-    plain TCP transport with nothing queued, send() now and queue only what
-    the kernel did not take; anything else (TLS, a backlog, a Twisted whose
-    transport looks different) goes the usual way.
-    """
-    if (type(transport) is tcp.Server and not transport.TLS and transport.connected
-            and not transport.disconnecting and getattr(transport, "_tempDataLen", 1) == 0
-            and transport.offset == len(transport.dataBuffer)):
-        sent = transport.writeSomeData(data)
-        if not isinstance(sent, int):
-            sent = 0  # an error: the queued write below meets it again and closes
-        data = data[sent:]
-    if data:
-        transport.write(data)
-
-
-@implementer(IPushProducer)
-class SMTPServer(Protocol):
-    """One SMTP session; the producer of its own replies, so that a client
-    that stops reading them stops being read."""
+class SMTPServer(PipeliningServer):
+    """One SMTP session: qmail-smtpd's state machine (the I/O is PipeliningServer's)."""
 
     def __init__(self, factory: "SMTPFactory"):
+        super().__init__(factory.clock)
         self.factory = factory
         self.settings: Settings = factory.settings()
         self.client: ClientInfo | None = None
@@ -209,19 +184,10 @@ class SMTPServer(Protocol):
         self.sender: str | None = None
         self.sender_bad = False
         self.recipients: list[str] = []
-        self.buffer = b""
-        self.offset = 0
-        self.reader: DataReader | None = None
-        self.discarding_line = False
         self.encrypted = False
         self.auth_user = None
         self.exchange: sasl.Exchange | None = None
-        self.busy = False
-        self.reading_stopped: set[str] = set()
         self.notes: dict[str, object] = {}
-        self.out: list[bytes] = []
-        self.last_activity = 0.0
-        self.timer = None
 
     # -- connection -----------------------------------------------------------
 
@@ -234,13 +200,11 @@ class SMTPServer(Protocol):
             return
         grant = rule.key != ip and self.factory.has_grant(ip, self.settings)
         self.client = ClientInfo(ip, dict(rule.env), pop_grant=grant)
-        self.transport.registerProducer(self, True)
+        self.start(self.settings.timeoutsmtpd)
         self.encrypted = is_encrypted(self.transport)
         self.databytes = self.settings.databytes
         if "DATABYTES" in rule.env and rule.env["DATABYTES"].isdigit():
             self.databytes = int(rule.env["DATABYTES"])
-        self.last_activity = self.factory.clock.seconds()
-        self.timer = self.factory.clock.callLater(self.settings.timeoutsmtpd, self._check_timeout)
         greeting = f"220 {self.settings.smtpgreeting} ESMTP\r\n".encode("latin-1", "replace")
         chain = self._hooks("connect")
         if chain:
@@ -253,139 +217,17 @@ class SMTPServer(Protocol):
         else:
             write_now(self.transport, greeting)
 
-    def connectionLost(self, reason=None) -> None:
-        if self.timer is not None and self.timer.active():
-            self.timer.cancel()
-        self.timer = None
-        self.reader = None
+    def line_received(self, line: str):
+        if self.exchange is not None:
+            return self._auth_step(self.exchange.answer(line))
+        return self._command(line)
 
-    def _close(self) -> None:
-        """Write what is pending, then close (a transport with a registered
-        producer would otherwise stay open)."""
-        self.transport.unregisterProducer()
-        self.transport.loseConnection()
+    def line_too_long(self) -> None:
+        self.out.append(b"500 line too long (#5.5.2)\r\n")
 
-    def _check_timeout(self) -> None:
-        idle = self.factory.clock.seconds() - self.last_activity
-        remaining = self.settings.timeoutsmtpd - idle
-        if remaining > 0 or self.busy:
-            self.timer = self.factory.clock.callLater(max(remaining, 1.0), self._check_timeout)
-            return
-        self.timer = None
+    def timed_out(self) -> None:
         self.transport.write(b"451 timeout (#4.4.2)\r\n")
         self._close()
-
-    # -- input ------------------------------------------------------------------
-    #
-    # Reading stops for two reasons: a check is running and the client keeps
-    # sending ("input"), or the client does not read its replies and the
-    # transport's buffer is full ("output", through IPushProducer below).
-
-    def dataReceived(self, data: bytes) -> None:
-        self.last_activity = self.factory.clock.seconds()
-        if self.busy:
-            self.buffer += data
-            if len(self.buffer) - self.offset > MAX_LINE * 16:
-                self._stop_reading("input")
-            return
-        if self.reader is not None:
-            self.reader.feed(data)
-        else:
-            self.buffer += data
-        self._process()
-
-    def _process(self) -> None:
-        """Handle every complete line (or the end of message data) in the buffer.
-        Lines are cut at an offset, so a buffer of many pipelined commands is
-        not copied once per command."""
-        while (not self.busy and "output" not in self.reading_stopped and self.transport is not None
-               and not self.disconnecting):
-            if self.reader is not None:
-                if not self._data_complete():
-                    break
-                continue
-            newline = self.buffer.find(b"\n", self.offset)
-            if newline < 0:
-                if len(self.buffer) - self.offset > MAX_LINE:
-                    if not self.discarding_line:
-                        self.out.append(b"500 line too long (#5.5.2)\r\n")
-                    self.discarding_line = True
-                    self.offset = len(self.buffer)
-                break
-            line, self.offset = self.buffer[self.offset:newline], newline + 1
-            if self.discarding_line:
-                self.discarding_line = False
-                continue
-            if len(line) > MAX_LINE:
-                self.out.append(b"500 line too long (#5.5.2)\r\n")
-                continue
-            text = line.rstrip(b"\r").decode("latin-1")
-            if self.exchange is not None:
-                result = self._auth_step(self.exchange.answer(text))
-            else:
-                result = self._command(text)
-            if isinstance(result, Deferred):
-                self._wait_for(result)
-                break
-        if not self.busy and self.offset:
-            self.buffer, self.offset = self.buffer[self.offset:], 0
-        self._flush()
-
-    def _take_buffer(self) -> bytes:
-        """What the client sent beyond the lines already handled."""
-        pending, self.buffer, self.offset = self.buffer[self.offset:], b"", 0
-        return pending
-
-    def _stop_reading(self, reason: str) -> None:
-        if not self.reading_stopped and self.transport is not None:
-            self.transport.pauseProducing()
-        self.reading_stopped.add(reason)
-
-    def _start_reading(self, reason: str) -> None:
-        if reason not in self.reading_stopped:
-            return
-        self.reading_stopped.discard(reason)
-        if not self.reading_stopped and self.transport is not None:
-            self.transport.resumeProducing()
-
-    def pauseProducing(self) -> None:
-        """The client does not read its replies: read and answer nothing more."""
-        self._stop_reading("output")
-
-    def resumeProducing(self) -> None:
-        self._start_reading("output")
-        if self.transport is not None and not self.busy:
-            self._process()
-
-    def stopProducing(self) -> None:
-        pass
-
-    @property
-    def disconnecting(self) -> bool:
-        return bool(getattr(self.transport, "disconnecting", False))
-
-    def _wait_for(self, result: Deferred) -> None:
-        """Read nothing more until a check or the queue answers, so replies keep
-        their order.  Input that arrives meanwhile waits in the buffer; only a
-        client that keeps sending is paused (pausing costs two epoll changes)."""
-        self.busy = True
-        result.addBoth(self._resume)
-
-    def _resume(self, result) -> None:
-        self.busy = False
-        if self.transport is None or self.client is None:
-            return
-        self._start_reading("input")
-        if self.reader is not None and len(self.buffer) > self.offset:
-            self.reader.feed(self._take_buffer())
-        self._process()
-
-    def _flush(self) -> None:
-        if self.out:
-            write_now(self.transport, b"".join(self.out))
-            self.out = []
-
-    # -- commands -----------------------------------------------------------------
 
     # -- plugins (qtwist.hooks) ---------------------------------------------------
 
@@ -541,8 +383,8 @@ class SMTPServer(Protocol):
             self.out.append(b"503 RCPT first (#5.5.1)\r\n")
             return
         self.out.append(b"354 go ahead\r\n")
-        self.reader = DataReader(self.databytes)
-        self.reader.feed(self._take_buffer())
+        self.bulk = DataReader(self.databytes)
+        self.bulk.feed(self._take_buffer())
 
     def smtp_rset(self, argument: str):
         self._reset()
@@ -619,7 +461,7 @@ class SMTPServer(Protocol):
         elif self.factory.logins.blocked(self.client.ip):
             self.out.append(REPLY_AUTH_REFUSED[Refusal.BLOCKED])
         else:
-            self.exchange = sasl.exchange(mechanism, self.settings.me, self.factory.clock.seconds())
+            self.exchange = sasl.exchange(mechanism, self.settings.me, self.clock.seconds())
             return self._auth_step(self.exchange.start(initial.strip() or None))
         return None
 
@@ -658,9 +500,9 @@ class SMTPServer(Protocol):
 
     # -- message data -----------------------------------------------------------------
 
-    def _data_complete(self) -> bool:
+    def bulk_ended(self) -> bool:
         """Finish the message if its terminator has arrived; False while waiting."""
-        reader = self.reader
+        reader = self.bulk
         try:
             ended = reader.end()
         except BareLF:
@@ -669,8 +511,8 @@ class SMTPServer(Protocol):
         if ended is None:
             return False
         raw, after = ended
-        self.reader = None
-        self.buffer, self.offset = after + self._take_buffer(), 0
+        self.bulk = None
+        self._unread(after)
         result = self._message(raw, reader.overflow)
         if isinstance(result, Deferred):
             self._wait_for(result)
@@ -678,7 +520,7 @@ class SMTPServer(Protocol):
 
     def _bare_lf(self) -> None:
         self._reset()
-        self.reader = None
+        self.bulk = None
         self.out.append(REPLY_BARE_LF)
         self._flush()
         self._close()
@@ -707,7 +549,7 @@ class SMTPServer(Protocol):
         return self._queue(sender, recipients, message)
 
     def _queue(self, sender: str, recipients: list, message: bytes, added: bytes = b"") -> Deferred:
-        now = self.factory.clock.seconds()
+        now = self.clock.seconds()
         protocol = self.protocol_name + ("S" if self.encrypted else "") + ("A" if self.auth_user else "")
         user = self.auth_user.address if self.auth_user is not None else ""
         message = added + received_header(self.helo, self.client.ip, self.settings.me, protocol, now,

@@ -6,7 +6,8 @@ from typing import Iterator
 
 import pytest
 
-from serverutil import DeadPort, SMTPSink
+from tests.support.fakesmtp import FakeSMTP
+from tests.support.waiting import DeadPort
 
 
 @pytest.fixture(scope="module")
@@ -17,7 +18,7 @@ def dead_port() -> Iterator[DeadPort]:
 
 
 @pytest.fixture(scope="module")
-def sink() -> Iterator[SMTPSink]:
-    server = SMTPSink()
+def sink() -> Iterator[FakeSMTP]:
+    server = FakeSMTP()
     yield server
     server.close()

@@ -16,7 +16,10 @@ from typing import Iterator
 import pytest
 
 from qtwist.queue.todo import TODO_BATCH_FILES, drop_todo
-from serverutil import DOMAIN, ME, Home, Server, SMTPSink, child_environment, make_home, wait_until
+from tests.support.fakesmtp import FakeSMTP
+from tests.support.home import DOMAIN, Home, ME, child_environment, make_home
+from tests.support.server import Server
+from tests.support.waiting import wait_until
 
 ALICE = f"alice@{DOMAIN}"
 BOB = f"bob@{DOMAIN}"
@@ -61,18 +64,18 @@ def todo_files(home: Home) -> list[Path]:
 
 
 @pytest.fixture(scope="module")
-def sink() -> Iterator[SMTPSink]:
-    server = SMTPSink()
+def sink() -> Iterator[FakeSMTP]:
+    server = FakeSMTP()
     yield server
     server.close()
 
 
-def routed_home(path: Path, sink: SMTPSink) -> Home:
+def routed_home(path: Path, sink: FakeSMTP) -> Home:
     return make_home(path, controls={"smtproutes": f"{REMOTE}:127.0.0.1:{sink.port}\n"})
 
 
 @pytest.fixture(scope="module")
-def mx(tmp_path_factory, sink: SMTPSink) -> Iterator[Server]:
+def mx(tmp_path_factory, sink: FakeSMTP) -> Iterator[Server]:
     """The shared server: example.test is local, remote.test goes to the sink."""
     server = Server(routed_home(tmp_path_factory.mktemp("inject"), sink)).start()
     yield server
@@ -105,7 +108,7 @@ def test_message_reaches_a_maildir_with_its_header_completed(mx: Server) -> None
     assert todo_files(mx.home) == []
 
 
-def test_t_sends_to_to_cc_and_bcc_and_removes_bcc(mx: Server, sink: SMTPSink) -> None:
+def test_t_sends_to_to_cc_and_bcc_and_removes_bcc(mx: Server, sink: FakeSMTP) -> None:
     marker = unique("php")
     to = f"someone@{REMOTE}"
     message = (f"To: Some One <{to}>\r\nCc: {ALICE}\r\nBcc: {BOB}\r\nSubject: {marker}\r\n"
@@ -205,7 +208,7 @@ def test_a_todo_directory_that_cannot_be_made_is_an_error(tmp_path: Path) -> Non
 
 # -- without a server -------------------------------------------------------------
 
-def test_messages_wait_while_no_server_runs_and_go_at_its_start(tmp_path: Path, sink: SMTPSink) -> None:
+def test_messages_wait_while_no_server_runs_and_go_at_its_start(tmp_path: Path, sink: FakeSMTP) -> None:
     home = routed_home(tmp_path, sink)
     local, remote = unique("waiting-local"), unique("waiting-remote")
     injected(sendmail(home, ALICE, message=f"Subject: {local}\n\nx\n".encode()))
@@ -227,7 +230,7 @@ def test_messages_wait_while_no_server_runs_and_go_at_its_start(tmp_path: Path, 
         wait_until(lambda: info.search(server.log), "qmail-send's info line with the file owner's uid")
 
 
-def test_a_flood_of_waiting_messages_is_taken_batch_after_batch(tmp_path: Path, sink: SMTPSink) -> None:
+def test_a_flood_of_waiting_messages_is_taken_batch_after_batch(tmp_path: Path, sink: FakeSMTP) -> None:
     home = routed_home(tmp_path, sink)
     count = TODO_BATCH_FILES + 50
     for number in range(count):
@@ -239,7 +242,7 @@ def test_a_flood_of_waiting_messages_is_taken_batch_after_batch(tmp_path: Path, 
         wait_until(lambda: home.qstat() == (0, 0), "an empty queue and todo/")
 
 
-def test_a_file_that_is_no_message_is_moved_aside_and_the_rest_delivered(tmp_path: Path, sink: SMTPSink) -> None:
+def test_a_file_that_is_no_message_is_moved_aside_and_the_rest_delivered(tmp_path: Path, sink: FakeSMTP) -> None:
     home = routed_home(tmp_path, sink)
     todo = home.path / "queue" / "todo"
     todo.mkdir(parents=True)

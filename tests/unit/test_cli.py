@@ -12,7 +12,7 @@ import pytest
 from qtwist.cli import _printable, _qread_date
 from qtwist.users import UserDB
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 
 
 def qtwist(home: Path, *args: str, stdin: str = "") -> subprocess.CompletedProcess:

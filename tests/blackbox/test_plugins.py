@@ -14,11 +14,13 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from serverutil import (DOMAIN, Server, SMTPSink, ask, child_environment, make_home,
-                        read_replies, session, unique, wire)
-from zoneserver import ZoneServer
+from tests.support.fakesmtp import FakeSMTP
+from tests.support.home import DOMAIN, child_environment, make_home
+from tests.support.server import Server, session
+from tests.support.smtpclient import ask, read_replies, unique, wire
+from tests.support.dns import ZoneServer
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 ALICE = f"alice@{DOMAIN}"
 LISTED = "127.0.0.2"  # the DNSBL lists this client
 PLAIN = "127.0.0.3"   # no tcp.smtp rights, not listed
@@ -181,7 +183,7 @@ def test_dkim_signs_outbound_mail_that_verifies(start):
                                 serialization.NoEncryption())
     public = key.public_key().public_bytes(serialization.Encoding.DER,
                                            serialization.PublicFormat.SubjectPublicKeyInfo)
-    sink = SMTPSink()
+    sink = FakeSMTP()
     try:
         server = start(["dkim"], {"smtproutes": f"remote.test:127.0.0.1:{sink.port}\n"})
         keys = server.home.path / "control" / "dkim"

@@ -2,7 +2,7 @@
 SMTP listener, SMTPS, AUTH PLAIN/LOGIN/CRAM-MD5 through the cred portal over
 vpasswd, the submission port's rules, Received: lines, what the log keeps, and
 the per-IP brake on failed AUTH.  The server is a real `twistd qmail` on
-loopback (see serverutil); the clients are smtplib, swaks and openssl s_client.
+loopback (see tests/support/server.py); the clients are smtplib, swaks and openssl s_client.
 
 A failed AUTH is answered a second or more late (the brake under test), so
 tests that fail on purpose each use a client address of their own (every 127.x
@@ -29,8 +29,11 @@ import trustme
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 
-from serverutil import (DEADLINE, DOMAIN, ME, PASSWORD, REPO, DeadPort, Home, Server, SMTPSink, ask, make_home,
-                        read_replies, replace_file, unique, wait_until)
+from tests.support.fakesmtp import FakeSMTP
+from tests.support.home import DOMAIN, Home, ME, PASSWORD, REPO, edit_file, make_home
+from tests.support.server import Server
+from tests.support.smtpclient import ask, read_replies, unique
+from tests.support.waiting import DEADLINE, DeadPort, wait_until
 from qtwist.users import NO_RELAY, NO_SMTP, UserDB
 
 ALICE = f"alice@{DOMAIN}"      # clear-text vpasswd field: every mechanism
@@ -122,10 +125,10 @@ def set_vpasswd_flags(home: Home, address: str, flags: int) -> None:
         if fields[0] == user:
             fields[3] = str(flags)
             lines[index] = ":".join(fields)
-    replace_file(path, "".join(f"{line}\n" for line in lines))
+    edit_file(path, "".join(f"{line}\n" for line in lines))
 
 
-def auth_home(root: Path, sink: SMTPSink, dead_port: DeadPort, *, certificate: bytes | None,
+def auth_home(root: Path, sink: FakeSMTP, dead_port: DeadPort, *, certificate: bytes | None,
               controls: dict[str, str] | None = None) -> Home:
     """alice, bob, carol and dave with PASSWORD; REMOTE routed to the sink and
     everything else to a port that refuses, so nothing leaves loopback."""
@@ -143,7 +146,7 @@ def auth_home(root: Path, sink: SMTPSink, dead_port: DeadPort, *, certificate: b
 
 
 @pytest.fixture(scope="module")
-def mx(tmp_path_factory, ca: trustme.CA, sink: SMTPSink, dead_port: DeadPort) -> Iterator[Server]:
+def mx(tmp_path_factory, ca: trustme.CA, sink: FakeSMTP, dead_port: DeadPort) -> Iterator[Server]:
     """The shared server: a certificate, and the smtp, submission and smtps listeners."""
     home = auth_home(tmp_path_factory.mktemp("mx"), sink, dead_port, certificate=server_pem(ca))
     server = Server(home, dns_port=dead_port.port, submission=True, smtps=True).start()
@@ -152,7 +155,7 @@ def mx(tmp_path_factory, ca: trustme.CA, sink: SMTPSink, dead_port: DeadPort) ->
 
 
 @pytest.fixture
-def start_server(tmp_path: Path, ca: trustme.CA, sink: SMTPSink,
+def start_server(tmp_path: Path, ca: trustme.CA, sink: FakeSMTP,
                  dead_port: DeadPort) -> Iterator[Callable[..., Server]]:
     """A server of the test's own, for one that changes control files or counts failures."""
     servers: list[Server] = []
@@ -323,7 +326,7 @@ def test_renewed_servercert_is_used_by_new_connections_without_a_restart(start_s
     with smtp_client(server.port) as before:
         before.starttls(context=client_context(ca))
         renewed = server_pem(ca, trustme.KeyType.RSA)
-        replace_file(certificate, renewed)
+        edit_file(certificate, renewed)
         expected = fingerprint(certificate_in(renewed))
         wait_until(lambda: fingerprint(presented_certificate(server.port, ca_file)) == expected,
                    "the renewed certificate on a new connection")

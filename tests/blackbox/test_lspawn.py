@@ -22,7 +22,9 @@ from qtwist import lspawn
 from qtwist.lspawn import LocalSpawn
 from qtwist.queue import Queue, QueuedMessage
 from qtwist.users import UserDB
-from serverutil import DEADLINE, Server, make_home, wait_until
+from tests.support.home import make_home
+from tests.support.server import Server
+from tests.support.waiting import DEADLINE, wait_until
 
 DOMAIN = "example.test"
 MESSAGE = b"From: carol@remote.test\nSubject: lspawn\n\nhello\n"

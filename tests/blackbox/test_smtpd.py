@@ -1,5 +1,5 @@
 """qmail-smtpd's behaviour as a client sees it, against a real `twistd qmail`
-on loopback (see serverutil): replies, policy, PIPELINING, DATA transparency,
+on loopback (see tests/support/server.py): replies, policy, PIPELINING, DATA transparency,
 hostile input, live reconfiguration and what survives kill -9.
 
 Client addresses tell the shared server's tcp.smtp rules apart: every 127.x
@@ -22,8 +22,11 @@ from typing import Callable, Iterator
 
 import pytest
 
-from serverutil import (DEADLINE, DOMAIN, ME, DeadPort, Home, Server, SMTPSink, ask, make_home, read_replies,
-                        read_until_closed, session, unique, wait_until, wire)
+from tests.support.fakesmtp import FakeSMTP
+from tests.support.home import DOMAIN, Home, ME, make_home
+from tests.support.server import Server, session
+from tests.support.smtpclient import ask, read_replies, read_until_closed, unique, wire
+from tests.support.waiting import DEADLINE, DeadPort, wait_until
 
 PLAIN = "127.0.0.1"      # no environment: may only send to rcpthosts
 RELAY = "127.0.0.2"      # RELAYCLIENT=""
@@ -46,7 +49,7 @@ RECEIVED = re.compile(rb"Received: from unknown \(HELO (?P<helo>[^\n]*)\) \((?P<
 # -- fixtures and helpers ------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def mx(tmp_path_factory, dead_port: DeadPort, sink: SMTPSink) -> Iterator[Server]:
+def mx(tmp_path_factory, dead_port: DeadPort, sink: FakeSMTP) -> Iterator[Server]:
     """The shared server.  Remote mail goes to the sink for sink.test and to a
     port that refuses connections for everything else, so nothing leaves loopback."""
     home = make_home(
@@ -759,7 +762,7 @@ def test_message_acknowledged_before_kill_9_is_delivered_after_restart(start_ser
 
     server.start()
     assert f"#{message_id}" in home.qread()
-    sink = SMTPSink()
+    sink = FakeSMTP()
     try:
         home.control("smtproutes", f"remote.test:127.0.0.1:{sink.port}\n")
         server.wait_for_log("reloaded control/smtproutes")

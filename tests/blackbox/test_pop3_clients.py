@@ -22,8 +22,9 @@ from pathlib import Path
 import pytest
 import trustme
 
-from serverutil import (DEADLINE, DOMAIN, PASSWORD, START_DEADLINE, Home, Server, free_port, make_home,
-                        replace_file, wait_until)
+from tests.support.home import DOMAIN, Home, PASSWORD, edit_file, make_home
+from tests.support.server import Server
+from tests.support.waiting import DEADLINE, wait_until
 from qtwist.pop3d import unique_id
 from qtwist.users import UserDB
 
@@ -48,27 +49,7 @@ class MailServer(Server):
     """The test server with POP3 on a loopback port, and pop3s when asked for."""
 
     def __init__(self, home: Home, pop3s: bool = False) -> None:
-        super().__init__(home)
-        self.pop3_port = free_port()
-        self.pop3s_port = free_port() if pop3s else None
-
-    def command(self) -> list[str]:
-        command = super().command() + ["--pop3", f"tcp:{self.pop3_port}:interface={LOOPBACK}"]
-        if self.pop3s_port is not None:
-            command += ["--pop3s", f"tcp:{self.pop3s_port}:interface={LOOPBACK}"]
-        return command
-
-    def start(self, timeout: float = START_DEADLINE) -> MailServer:
-        super().start(timeout)
-
-        def pop3_listening() -> bool:
-            try:
-                socket.create_connection((LOOPBACK, self.pop3_port), timeout=1).close()
-            except OSError:
-                return False
-            return True
-        wait_until(pop3_listening, "the POP3 listener")
-        return self
+        super().__init__(home, pop3=True, pop3s=pop3s)
 
     def pop3(self, source: str = LOOPBACK) -> SourcedPOP3:
         return SourcedPOP3(self.pop3_port, source)
@@ -402,7 +383,7 @@ def add_user_with_flags(home: Home, name: str, flags: int) -> None:
         if fields[0] == name:
             fields[3] = str(flags)
         lines.append(":".join(fields))
-    replace_file(vpasswd, "\n".join(lines) + "\n")
+    edit_file(vpasswd, "\n".join(lines) + "\n")
 
 
 def test_user_flags_refuse_pop_or_withhold_the_relay_grant(server, home):

@@ -33,8 +33,10 @@ from qtwist.remote import (
     this_host_addresses,
 )
 from qtwist.resolver import Lookups
-from serverutil import DEADLINE, Server, make_home
-from zoneserver import ZoneServer
+from tests.support.home import make_home
+from tests.support.server import Server
+from tests.support.waiting import DEADLINE
+from tests.support.dns import ZoneServer
 
 
 # -- a scriptable SMTP server ----------------------------------------------------
@@ -728,17 +730,6 @@ class TLSTests(RemoteDeliveryTests):
         return self.drive(check())
 
 
-class RemotePortServer(Server):
-    """The real server, told where to look up names and which port MX hosts listen on."""
-
-    def __init__(self, home, dns_port: int, remote_port: int) -> None:
-        super().__init__(home, dns_port=dns_port)
-        self.remote_port = remote_port
-
-    def command(self) -> list[str]:
-        return super().command() + ["--remote-port", str(self.remote_port)]
-
-
 class ServerOptionTests(RemoteDeliveryTests):
     def test_twistd_uses_nameserver_and_remote_port(self) -> Deferred:
         seen, port = self.start_mx(interface="127.0.0.3")
@@ -749,7 +740,7 @@ class ServerOptionTests(RemoteDeliveryTests):
         scratch = tempfile.TemporaryDirectory()
         self.addCleanup(scratch.cleanup)
         home = make_home(Path(scratch.name), tcp_smtp='127.0.0.1:allow,RELAYCLIENT=""\n')
-        server = RemotePortServer(home, dns_port=nameserver[1], remote_port=port).start()
+        server = Server(home, dns_port=nameserver[1], options=("--remote-port", str(port))).start()
         self.addCleanup(server.stop)
 
         async def check() -> None:
