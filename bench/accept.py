@@ -30,12 +30,16 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+# The helpers the tests use (tests/support), from this checkout.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from tests.support.dns import ZoneServer  # noqa: E402
+from tests.support.waiting import free_port, listening, poll  # noqa: E402
 
 BIN = Path(sys.executable).parent
 
@@ -48,30 +52,6 @@ def tool(name: str) -> str:
 def qtwist(home: Path, *args: str) -> str:
     return subprocess.run([tool("qtwist"), "--home", str(home), *args], check=True,
                           capture_output=True, text=True).stdout
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-def listening(host: str, port: int) -> bool:
-    """Someone accepts connections on host:port."""
-    try:
-        socket.create_connection((host, port), timeout=1).close()
-        return True
-    except OSError:
-        return False
-
-
-def wait_until(predicate, timeout: float, step: float = 0.05) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(step)
-    return predicate()
 
 
 def make_body(size: int) -> bytes:
@@ -150,14 +130,12 @@ def main() -> int:
                "--smtp", f"tcp:{port}:interface=127.0.0.1", "--submission", "none", "--pop3", "none"]
     dns = None
     if args.dns:
-        sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-        from zoneserver import ZoneServer
         dns = ZoneServer({"source.test": {"TXT": ['"v=spf1 ip4:127.0.0.0/8 -all"'], "MX": ["10 mx.source.test."]},
                           "mx.source.test": {"A": ["127.0.0.1"]}})
         command += ["--nameserver", f"127.0.0.1:{dns.address[1]}"]
     server = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
     try:
-        if not wait_until(lambda: listening("127.0.0.1", port), 20):
+        if not poll(lambda: listening("127.0.0.1", port), 20):
             print(f"server did not start; see {work / 'twistd.log'}", file=sys.stderr)
             return 1
         body = make_body(args.size)
@@ -170,7 +148,7 @@ def main() -> int:
         def delivered() -> bool:
             return (maildir_new.is_dir() and len(os.listdir(maildir_new)) >= args.messages - len(errors)
                     and re.search(r"messages in queue: 0\b", qtwist(home, "qstat")) is not None)
-        complete = not args.accept_only and wait_until(delivered, args.max_seconds)
+        complete = not args.accept_only and poll(delivered, args.max_seconds, 0.05)
         finished = time.monotonic() - started
         cpu = _cpu(server.pid) - cpu_before
     finally:

@@ -37,7 +37,8 @@ import time
 from pathlib import Path
 
 from accept import _cpu as server_cpu
-from accept import free_port, listening, tool, wait_until
+from accept import tool
+from tests.support.waiting import free_port, listening, poll
 from qtwist.users import UserDB
 
 DOMAIN = "bench.test"
@@ -195,7 +196,7 @@ def main() -> int:
                                "--pop3", f"tcp:{port}:interface={HOST}"],
                               stdout=log, stderr=subprocess.STDOUT)
     try:
-        if not wait_until(lambda: listening(HOST, port), 30):
+        if not poll(lambda: listening(HOST, port), 30):
             print(f"server did not start; see {work / 'twistd.log'}", file=sys.stderr)
             return 1
 

@@ -13,8 +13,9 @@ Deferred: a queue with DEFERRED messages whose remote recipients wait for a
 retry a day away (written with qtwist.queue's record functions before the
 server starts, routed to an smtp-sink that answers 4xx should they be tried).
 Prints the server's start-up time (spawn to the first SMTP greeting, which
-includes reading the queue) and memory, then the latency and rate of new messages delivered to
-an in-process sink that notes when each arrives: PROBES one at a time, then a
+includes reading the queue) and memory, then the latency and rate of new
+messages delivered to the tests' fake SMTP server (tests/support/fakesmtp.py),
+in this process, which notes when each arrives: PROBES one at a time, then a
 BURST over SESSIONS sessions.  The same run on an empty queue is the baseline.
 
     python bench/relay.py [--messages 5000] [--size 10240] [--domains 50] [--sinks 5]
@@ -43,21 +44,17 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from accept import _cpu as cpu_seconds
-from accept import listening, qtwist, tool, wait_until
+from accept import qtwist, tool
+from tests.support.fakesmtp import FakeSMTP
+from tests.support.waiting import free_port, listening, poll
 from qtwist.queue.records import SEGMENT_LIMIT, Recipient, deferral_record, message_record
 
 SMTP_SINK = "/usr/sbin/smtp-sink"
 SENDER = "bench@source.test"
-
-
-def free_port(host: str) -> int:
-    with socket.socket() as probe:
-        probe.bind((host, 0))
-        return probe.getsockname()[1]
 
 
 def greets(port: int) -> bool:
@@ -111,7 +108,7 @@ def start_smtp_sink(processes: Processes, host: str, work: Path, *options: str) 
     port = free_port(host)
     privileges = ["-u", "nobody"] if os.geteuid() == 0 else []
     processes.start([SMTP_SINK, *privileges, *options, f"{host}:{port}", "256"], work / f"smtp-sink-{host}.log")
-    if not wait_until(lambda: listening(host, port), 10):
+    if not poll(lambda: listening(host, port), 10):
         raise SystemExit(f"smtp-sink did not start on {host}:{port}")
     return port
 
@@ -141,7 +138,7 @@ def start_server(processes: Processes, home: Path, deadline: float) -> Server:
     process = processes.start([tool("twistd"), "-n", "--pidfile=", "qmail", "--home", str(home),
                                "--smtp", f"tcp:{port}:interface=127.0.0.1", "--submission", "none",
                                "--pop3", "none"], log)
-    if not wait_until(lambda: greets(port) or process.poll() is not None, deadline, 0.01) \
+    if not poll(lambda: greets(port) or process.poll() is not None, deadline, 0.01) \
             or process.poll() is not None:
         raise SystemExit(f"the server did not start; see {log}")
     return Server(process, port, log, time.monotonic() - began)
@@ -201,62 +198,33 @@ async def send_all(port: int, jobs: list[tuple[str, bytes]], sessions: int,
     return errors
 
 
-# -- the in-process sink that times arrivals -----------------------------------------
+# -- when probes arrive at the fake SMTP server ----------------------------------------
 
-@dataclass
-class ProbeSink:
-    """A minimal SMTP server noting when each 'Subject: probe N' message arrives."""
+class Arrivals:
+    """When each 'Subject: probe N' message reached the fake SMTP server."""
 
-    arrived_at: dict[int, float] = field(default_factory=dict)
-    arrival: asyncio.Event = field(default_factory=asyncio.Event)
-    sessions: int = 0
+    def __init__(self, sink: FakeSMTP) -> None:
+        self.sink = sink
+        self.at: dict[int, float] = {}
+        self._seen: set[int] = set()  # transactions already looked at (they finish in any order)
 
-    async def session(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.sessions += 1
-        writer.write(b"220 probe.test ESMTP\r\n")
-        try:
-            while line := await reader.readline():
-                verb = line[:4].upper()
-                if verb == b"EHLO":
-                    writer.write(b"250-probe.test\r\n250-PIPELINING\r\n250 8BITMIME\r\n")
-                elif verb == b"DATA":
-                    writer.write(b"354 go ahead\r\n")
-                    data = await reader.readuntil(b"\r\n.\r\n")
-                    found = re.search(rb"\r\nSubject: probe (\d+)\r\n", data)
-                    if found:
-                        self.arrived_at[int(found.group(1))] = time.monotonic()
-                        self.arrival.set()
-                    writer.write(b"250 ok\r\n")
-                elif verb == b"QUIT":
-                    writer.write(b"221 probe.test\r\n")
-                    break
-                else:
-                    writer.write(b"250 ok\r\n")
-            await writer.drain()
-        except (OSError, asyncio.IncompleteReadError):
-            pass
-        finally:
-            writer.close()
-            self.sessions -= 1
-
-    async def idle(self, timeout: float) -> None:
-        """Until the server has ended its sessions (it sends QUIT after the last 250)."""
-        deadline = time.monotonic() + timeout
-        while self.sessions and time.monotonic() < deadline:
-            await asyncio.sleep(0.01)
+    def _update(self) -> None:
+        for transaction in self.sink.delivered():
+            if id(transaction) not in self._seen:
+                self._seen.add(id(transaction))
+                found = re.search(rb"\r\nSubject: probe (\d+)\r\n", transaction.raw)
+                if found:
+                    self.at[int(found.group(1))] = transaction.arrived_at
 
     async def wait_for(self, numbers: range, timeout: float) -> bool:
         deadline = time.monotonic() + timeout
-        while not all(n in self.arrived_at for n in numbers):
-            self.arrival.clear()
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
+        while True:
+            self._update()
+            if all(n in self.at for n in numbers):
+                return True
+            if time.monotonic() > deadline:
                 return False
-            try:
-                await asyncio.wait_for(self.arrival.wait(), remaining)
-            except asyncio.TimeoutError:
-                return False
-        return True
+            await asyncio.sleep(0.002)
 
 
 # -- part 1: relay throughput --------------------------------------------------------------
@@ -277,7 +245,7 @@ def relay(args: argparse.Namespace, work: Path, processes: Processes) -> bool:
     started = time.monotonic()
     errors = asyncio.run(asyncio.wait_for(send_all(server.port, jobs, args.sessions, {}), args.max_seconds))
     accepted = time.monotonic() - started
-    empty = wait_until(lambda: re.search(r"messages in queue: 0\n", qtwist(home, "qstat")) is not None,
+    empty = poll(lambda: re.search(r"messages in queue: 0\n", qtwist(home, "qstat")) is not None,
                        args.max_seconds, 0.5)
     finished = time.monotonic() - started
     cpu = cpu_seconds(server.process.pid) - cpu_before
@@ -337,10 +305,9 @@ def percentile(values: list[float], fraction: float) -> float:
 
 async def probe(server: Server, args: argparse.Namespace, sink_host: str) -> dict[str, float]:
     """Latency of PROBES messages sent one at a time, then the rate and latency
-    of a BURST; every message goes to the in-process sink."""
-    sink = ProbeSink()
-    sink_port = args.probe_port
-    listener = await asyncio.start_server(sink.session, sink_host, sink_port)
+    of a BURST; every message goes to the fake SMTP server in this process."""
+    sink = FakeSMTP(host=sink_host, port=args.probe_port)
+    arrivals = Arrivals(sink)
     results: dict[str, float] = {}
     try:
         def job(number: int) -> tuple[str, bytes]:
@@ -351,9 +318,9 @@ async def probe(server: Server, args: argparse.Namespace, sink_host: str) -> dic
             accepted_at = await send_one(server.port, *job(number))
             if not isinstance(accepted_at, float):
                 raise SystemExit(f"probe {number} was refused: {accepted_at}")
-            if not await sink.wait_for(range(number, number + 1), args.max_seconds):
+            if not await arrivals.wait_for(range(number, number + 1), args.max_seconds):
                 raise SystemExit(f"probe {number} did not arrive; see {server.log}")
-            single.append(sink.arrived_at[number] - accepted_at)
+            single.append(arrivals.at[number] - accepted_at)
         results["single_p50_ms"] = statistics.median(single) * 1000
         results["single_p95_ms"] = percentile(single, 0.95) * 1000
         results["single_max_ms"] = max(single) * 1000
@@ -365,20 +332,20 @@ async def probe(server: Server, args: argparse.Namespace, sink_host: str) -> dic
         started = time.monotonic()
         errors = await send_all(server.port, burst, args.sessions, burst_accepted)
         numbers = range(first, first + args.burst)
-        complete = await sink.wait_for(range(first, first + len(burst) - len(errors)) if errors else numbers,
-                                       args.max_seconds)
+        complete = await arrivals.wait_for(range(first, first + len(burst) - len(errors)) if errors else numbers,
+                                           args.max_seconds)
         if not complete or errors:
             raise SystemExit(f"burst incomplete ({len(errors)} errors); see {server.log}")
-        finished = max(sink.arrived_at[n] for n in numbers) - started
-        latencies = [sink.arrived_at[first + n] - burst_accepted[n] for n in burst_accepted]
+        finished = max(arrivals.at[n] for n in numbers) - started
+        latencies = [arrivals.at[first + n] - burst_accepted[n] for n in burst_accepted]
         results["burst_msgs_per_s"] = args.burst / finished
         results["burst_p50_ms"] = statistics.median(latencies) * 1000
         results["burst_p95_ms"] = percentile(latencies, 0.95) * 1000
         results["burst_cpu_ms_per_msg"] = (cpu_seconds(server.process.pid) - cpu_before) / args.burst * 1000
     finally:
-        await sink.idle(10)
-        listener.close()
-        await listener.wait_closed()
+        # The server ends its sessions with QUIT after the last 250.
+        await asyncio.to_thread(poll, lambda: sink.sessions_open == 0, 10)
+        sink.close()
     return results
 
 

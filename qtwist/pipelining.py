@@ -22,9 +22,13 @@ from twisted.internet import tcp
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IPushProducer, IReactorTime
 from twisted.internet.protocol import Protocol
+from twisted.logger import Logger
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
 MAX_LINE = 4096
+
+log = Logger(namespace="qtwist.pipelining")
 
 
 class Bulk(Structural):
@@ -87,6 +91,11 @@ class PipeliningServer(Protocol):
 
     def timed_out(self) -> None:
         """The client was idle for ``idle_limit`` seconds with nothing running."""
+        raise NotImplementedError
+
+    def failed(self) -> None:
+        """A handler's Deferred failed (a bug: handlers answer their own errors);
+        the failure is logged, the command still needs a reply."""
         raise NotImplementedError
 
     # -- the connection -----------------------------------------------------------------
@@ -188,6 +197,11 @@ class PipeliningServer(Protocol):
 
     def _resume(self, result) -> None:
         self.busy = False
+        # The client's idle time starts when the server is done, not at its last bytes.
+        self.last_activity = self.clock.seconds()
+        if isinstance(result, Failure):
+            log.failure("a command's handler failed", result)
+            self.failed()
         if self.transport is None:
             return
         self._start_reading("input")

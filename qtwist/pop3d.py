@@ -299,6 +299,7 @@ class POP3Server(LineReceiver, TimeoutMixin):
         self._encrypted = False
         self._gone = False
         self._closing = False
+        self._sending = False  # a message is being streamed
         self._lock_key: str | None = None
         self._maildir: Path | None = None
         self._messages: list[Message] = []
@@ -348,8 +349,10 @@ class POP3Server(LineReceiver, TimeoutMixin):
             self._release_lock()
 
     def timeoutConnection(self) -> None:
-        if self._closing:
+        if self._closing or self._sending:
             # It never read our last bytes, or never answered a TLS close: cut it.
+            # In the middle of a message a reply would land inside the message,
+            # which must rather look unfinished.
             self.transport.abortConnection()
             return
         self._reply("-ERR autologout time elapsed")
@@ -631,11 +634,14 @@ class POP3Server(LineReceiver, TimeoutMixin):
             chunks = top_chunks(chunks, body_lines)
         self._reply("+OK message follows")
         sender = MessageSender(handle, dot_stuffed(chunks), self.resetTimeout)
+        self._sending = True
         try:
             await sender.send(self.transport)
         except ConnectionLost:
             self._gone = True  # connectionLost follows; no further command may run
             return
+        finally:
+            self._sending = False
         if body_lines is None:
             message.retrieved = True
 

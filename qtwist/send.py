@@ -190,14 +190,26 @@ class Scheduler(Service):
         self.log.flush()
         await self.queue.close()
 
+    @property
+    def unfinished(self) -> int:
+        """How many deliveries, bounces and ends are under way."""
+        return len(self._work)
+
     def settled(self) -> Deferred:
         """Fires once the work started so far (deliveries with their results,
-        bounces, ends) is done; what that work starts in turn is waited for too."""
-        return Deferred.fromCoroutine(self._settle())
+        bounces, ends) is done; what that work starts in turn is waited for too.
+        Cancelling it ends the wait, never the work."""
+        settled: Deferred = Deferred()
 
-    async def _settle(self) -> None:
-        while self._work:
-            await DeferredList(list(self._work), consumeErrors=True)
+        def look(_: object = None) -> None:
+            if settled.called:
+                return
+            if self._work:
+                DeferredList(list(self._work), consumeErrors=True).addBoth(look)
+            else:
+                settled.callback(None)
+        look()
+        return settled
 
     def _deliveries_running(self) -> int:
         return self.in_progress["local"] + self.in_progress["remote"]

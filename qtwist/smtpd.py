@@ -229,6 +229,9 @@ class SMTPServer(PipeliningServer):
         self.transport.write(b"451 timeout (#4.4.2)\r\n")
         self._close()
 
+    def failed(self) -> None:
+        self.out.append(b"451 internal error, try again later (#4.3.0)\r\n")
+
     # -- plugins (qtwist.hooks) ---------------------------------------------------
 
     def _hooks(self, hook: str) -> list:

@@ -306,7 +306,8 @@ def test_stls_then_login_and_retr_with_a_verified_certificate(tls_server, home, 
 
 
 def test_pop3s_login_retr_and_dele(tls_server, home, ca):
-    delivered = deliver(tls_server, home, "over-pop3s")
+    # Several of the server's 64 KiB chunks: streamed through the TLS wrapper.
+    delivered = deliver(tls_server, home, "over-pop3s", "".join(f"line {index}\r\n" for index in range(30000)))
     pop = poplib.POP3_SSL(LOOPBACK, tls_server.pop3s_port, timeout=DEADLINE, context=client_context(ca))
     capabilities = pop.capa()
     pop.user(ALICE)
@@ -344,6 +345,29 @@ def test_pop3requiretls_is_read_live_and_leaves_apop_usable(tls_server, home, ca
     pop.user(ALICE)
     pop.pass_(PASSWORD)
     pop.quit()
+    pop = poplib.POP3_SSL(LOOPBACK, tls_server.pop3s_port, timeout=DEADLINE, context=client_context(ca))
+    assert "USER" in pop.capa()  # pop3s is encrypted from the first byte
+    pop.user(ALICE)
+    pop.pass_(PASSWORD)
+    pop.quit()
+
+
+def test_commands_pipelined_with_stls_in_the_clear_are_discarded(tls_server, ca):
+    with socket.create_connection((LOOPBACK, tls_server.pop3_port), timeout=DEADLINE) as conn:
+        reader = conn.makefile("rb")
+        assert reader.readline().startswith(b"+OK <")
+        # A USER injected behind STLS in the clear must not count once TLS is up (RFC 2595 §4).
+        conn.sendall(f"STLS\r\nUSER {ALICE}\r\n".encode())
+        assert reader.readline() == b"+OK begin TLS negotiation\r\n"
+        reader.close()
+        with client_context(ca).wrap_socket(conn, server_hostname=LOOPBACK) as tls:
+            tls_reader = tls.makefile("rb")
+            replies = []
+            for command in (f"PASS {PASSWORD}", "STLS", "QUIT"):
+                tls.sendall(f"{command}\r\n".encode())
+                replies.append(tls_reader.readline())
+            tls_reader.close()
+    assert replies == [b"-ERR USER first\r\n", b"-ERR already using TLS\r\n", b"+OK\r\n"]
 
 
 # -- logins: flags and throttling ---------------------------------------------------------

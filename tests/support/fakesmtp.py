@@ -75,7 +75,8 @@ class FakeSMTP:
     def __init__(self, script: Script | None = None, host: str = "127.0.0.1", port: int = 0) -> None:
         self.script = script or Script()
         self.host = host
-        self._listener = socket.create_server((host, port), backlog=128)
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        self._listener = socket.create_server((host, port), family=family, backlog=128)
         self.port: int = self._listener.getsockname()[1]
         self._lock = threading.Condition()
         self._transactions: list[Transaction] = []
@@ -96,6 +97,11 @@ class FakeSMTP:
 
     def delivered(self) -> list[Transaction]:
         return [t for t in self.transactions if t.raw is not None]
+
+    @property
+    def messages(self) -> list[bytes]:
+        """The messages as sent (CRLF, dot-stuffed, with the final dot), in order."""
+        return [t.raw for t in self.delivered()]
 
     @property
     def sessions_open(self) -> int:
@@ -138,6 +144,7 @@ class FakeSMTP:
             self._closed = True
             self._released = True
             self._lock.notify_all()
+        _quietly(self._listener.shutdown, socket.SHUT_RDWR)  # wakes the thread blocked in accept()
         _quietly(self._listener.close)
         self.abort_all()
         self._accepting.join(DEADLINE)
@@ -156,6 +163,9 @@ class FakeSMTP:
                 connection, _ = self._listener.accept()
             except OSError:
                 return  # closed
+            # Replies go out as written: Nagle's algorithm would hold the second
+            # of two pipelined replies back until the client's delayed ACK (40 ms).
+            connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             with self._lock:
                 if self._closed:
                     connection.close()

@@ -75,8 +75,10 @@ class Home:
         """Read the control files and tcp.smtp again, as the watcher does within a second."""
         self.control.reload()
 
-    def logins(self, service: str) -> Logins:
-        return Logins(f"{service}d", mail_portal(self.users, service), self.throttle, self.clock)
+    def logins(self, service: str, users: UserDB | None = None) -> Logins:
+        """The login flow of ``service``, over ``users`` instead of the home's when given."""
+        portal = mail_portal(self.users if users is None else users, service)
+        return Logins(f"{service}d", portal, self.throttle, self.clock)
 
 
 class Client:
@@ -149,14 +151,16 @@ def _smtp_replies(output: bytes, start: int, most: int | None = None) -> tuple[l
 class SMTPRig:
     """The SMTP server of one home, as service.py builds it."""
 
-    def __init__(self, home: Home, *, submission: bool = False, hooks: Hooks | None = None) -> None:
+    def __init__(self, home: Home, *, submission: bool = False, hooks: Hooks | None = None,
+                 users: UserDB | None = None) -> None:
+        """``users`` replaces the home's user store (with one that fails, say)."""
         self.home = home
         self.queue = Queue(home.path, reactor, clock=home.clock)
         self.queue.open()
         self.queued: list[QueuedMessage] = []
         self.factory = SMTPFactory(settings=lambda: home.settings, rules=lambda: home.control.rules,
                                    queue=self.queue, queued=self.queued.append, clock=home.clock,
-                                   grants=home.grants, submission=submission, logins=home.logins("smtp"),
+                                   grants=home.grants, submission=submission, logins=home.logins("smtp", users),
                                    hooks=hooks, plugin_context=PluginContext(home.path, home.users, None, home.clock))
 
     def connect(self, ip: str = "127.0.0.1") -> SMTPClient:
@@ -197,6 +201,12 @@ class POP3Client(Client):
         self.send(line + "\r\n")
         return await self.wait(multiline)
 
+    def hang_up(self) -> None:
+        """As a real transport does, stop a message being sent before telling the protocol."""
+        if self.transport.producer is not None:
+            self.transport.producer.stopProducing()
+        super().hang_up()
+
 
 def _pop3_reply_end(output: bytes, start: int, multiline: bool) -> int:
     """Where the reply starting at ``start`` ends (0 while it is not whole).
@@ -215,9 +225,12 @@ def _pop3_reply_end(output: bytes, start: int, multiline: bool) -> int:
 class POP3Rig:
     """The POP3 server of one home, as service.py builds it."""
 
-    def __init__(self, home: Home) -> None:
+    def __init__(self, home: Home, *, users: UserDB | None = None) -> None:
+        """``users`` replaces the home's user store (with one that fails, say)."""
         self.home = home
-        self.factory = POP3Factory(logins=home.logins("pop3"), grants=home.grants, settings=lambda: home.settings,
+        logins = home.logins("pop3") if users is None else Logins("pop3d", mail_portal(users, "pop3"),
+                                                                  home.throttle, home.clock)
+        self.factory = POP3Factory(logins=logins, grants=home.grants, settings=lambda: home.settings,
                                    clock=home.clock)
 
     def connect(self, ip: str = "127.0.0.1") -> POP3Client:
@@ -251,16 +264,25 @@ class Attempt:
 class _Scripted:
     def __init__(self) -> None:
         self.attempts: list[Attempt] = []
+        self.closed = False  # after the test: every attempt is deferred at once
 
     @property
     def waiting(self) -> list[Attempt]:
         """Attempts not answered yet, oldest first."""
         return [attempt for attempt in self.attempts if not attempt.result.called]
 
-    def take(self) -> Attempt:
-        """The only attempt not answered yet."""
+    async def take(self) -> Attempt:
+        """The only attempt not answered yet, once it is there (a message that
+        is not in memory any more is read from the queue in a thread first)."""
+        await wait_for(lambda: self.waiting, "a delivery attempt")
         (attempt,) = self.waiting
         return attempt
+
+    def _attempt(self, attempt: Attempt) -> Deferred:
+        self.attempts.append(attempt)
+        if self.closed:
+            attempt.answer(Outcome.deferral("the test is over"))
+        return attempt.result
 
 
 @implementer(ILocalDelivery)
@@ -274,9 +296,8 @@ class ScriptedLocal(_Scripted):
         return succeed(None)
 
     def deliver(self, message: QueuedMessage, recipient: str) -> Deferred:
-        attempt = Attempt([recipient], message.sender, message.read_body)
-        self.attempts.append(attempt)
-        return attempt.result.addCallback(lambda outcomes: outcomes[0])
+        return self._attempt(Attempt([recipient], message.sender, message.read_body)).addCallback(
+            lambda outcomes: outcomes[0])
 
 
 @implementer(IRemoteDelivery)
@@ -284,9 +305,7 @@ class ScriptedRemote(_Scripted):
     """Remote deliveries (one domain each) the test answers."""
 
     def deliver(self, settings: Settings, domain: str, sender: str, recipients: list[str], message: bytes) -> Deferred:
-        attempt = Attempt(list(recipients), sender, lambda: message)
-        self.attempts.append(attempt)
-        return attempt.result
+        return self._attempt(Attempt(list(recipients), sender, lambda: message))
 
 
 class SchedulerRig:
@@ -311,8 +330,17 @@ class SchedulerRig:
         return message
 
     async def settled(self) -> None:
-        """Until the scheduler has recorded what the channels answered."""
-        await self.scheduler.settled()
+        """Until the scheduler has recorded what the channels answered: all its
+        work is done but the deliveries still waiting for an answer."""
+        await wait_for(lambda: self.scheduler.unfinished <= len(self.local.waiting) + len(self.remote.waiting),
+                       "the scheduler to record the answers")
 
     def stop(self) -> Deferred:
-        return self.scheduler.stopService() if self.scheduler.running else self.queue.close()
+        """Stop the scheduler; deliveries the test left unanswered are deferred."""
+        if not self.scheduler.running:
+            return self.queue.close()
+        for channel in (self.local, self.remote):
+            channel.closed = True
+            for attempt in channel.waiting:
+                attempt.answer(Outcome.deferral("the test is over"))
+        return self.scheduler.stopService()

@@ -12,17 +12,23 @@ DEADLINE = 10.0
 T = TypeVar("T")
 
 
+def poll(condition: Callable[[], T], timeout: float, interval: float = 0.02) -> T:
+    """Call ``condition`` until it returns something true, for at most
+    ``timeout`` seconds; returns its last result (false on timeout)."""
+    deadline = time.monotonic() + timeout
+    while not (result := condition()) and time.monotonic() < deadline:
+        time.sleep(interval)
+    return result
+
+
 def wait_until(condition: Callable[[], T], what: str, timeout: float = DEADLINE,
                interval: float = 0.02) -> T:
-    """Poll ``condition`` until it returns something true, and return that."""
-    deadline = time.monotonic() + timeout
-    while True:
-        result = condition()
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            raise AssertionError(f"gave up after {timeout:g} s waiting for {what}")
-        time.sleep(interval)
+    """Poll ``condition`` until it returns something true, and return that;
+    fail, naming ``what``, after ``timeout`` seconds."""
+    result = poll(condition, timeout, interval)
+    if not result:
+        raise AssertionError(f"gave up after {timeout:g} s waiting for {what}")
+    return result
 
 
 _handed_out: set[int] = set()

@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import os
-import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 
-from qtwist import local, maildir
+from qtwist import local
 from qtwist.control import Settings, load
 from qtwist.delivery import Outcome
 from qtwist.users import BOUNCE_MAIL, UserDB
@@ -473,39 +471,3 @@ def test_locals_domain_falls_back_to_alias_default(home, settings):
 def test_locals_domain_without_alias_fails(home, settings):
     assert deliver(home, settings, f"anyone@{ME}") == Outcome.failure(
         "Sorry, no mailbox here by that name. (#5.1.1)")
-
-
-def test_directory_fsyncs_are_shared_by_deliveries_that_wait_together(tmp_path, monkeypatch):
-    directory = tmp_path / "new"
-    directory.mkdir()
-    first_started, release = threading.Event(), threading.Event()
-    synced: list[str] = []
-    real_fsync_dir = maildir.fsync_directory
-
-    def counting_fsync_dir(path: str) -> None:
-        synced.append(path)
-        if len(synced) == 1:
-            first_started.set()
-            assert release.wait(10)
-        real_fsync_dir(path)
-
-    monkeypatch.setattr(maildir, "fsync_directory", counting_fsync_dir)
-    syncs = maildir.DirectorySyncs()
-    first = threading.Thread(target=syncs.sync, args=(str(directory),))
-    first.start()
-    assert first_started.wait(10)
-    # Seven more deliveries finish while the first fsync runs: one more fsync covers them all.
-    others = [threading.Thread(target=syncs.sync, args=(str(directory),)) for _ in range(7)]
-    for thread in others:
-        thread.start()
-    deadline = time.monotonic() + 10
-    while syncs._directories[str(directory)].waiting < 8:
-        assert time.monotonic() < deadline, "the other deliveries never reached the sync"
-        time.sleep(0.001)
-    release.set()
-    for thread in [first, *others]:
-        thread.join(10)
-        assert not thread.is_alive()
-    assert synced == [str(directory)] * 2
-    syncs.sync(str(directory))  # a later rename needs an fsync of its own
-    assert len(synced) == 3

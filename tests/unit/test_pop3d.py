@@ -1,45 +1,34 @@
-"""The POP3 server, driven by the stdlib poplib client (and a raw socket where the wire matters).
+"""The POP3 server in memory: POP3Server over StringTransport (tests/support/memory.py),
+with real vpasswd users, real Maildirs, the real login flow and a task.Clock.
 
-Each test listens on an ephemeral 127.0.0.1 port in the test's reactor and
-runs the client in a worker thread.
+What a client sees is asserted byte for byte; what the Maildir shows, file by file.
+TLS (STLS, pop3s) is tested against a real server in tests/blackbox/test_pop3_clients.py.
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
 import os
-import poplib
+import re
 import shutil
-import socket
-import ssl
 import tempfile
-import time
-import uuid
 from pathlib import Path
 
 import pytest
-import trustme
-from cryptography import x509
-from cryptography.hazmat.primitives.serialization import load_pem_private_key
-from twisted.internet import defer, reactor, task
-from twisted.internet.interfaces import IListeningPort
-from twisted.internet.ssl import CertificateOptions
-from twisted.internet.threads import deferToThread
-from twisted.protocols.policies import WrappingFactory
-from twisted.protocols.tls import TLSMemoryBIOFactory
-from twisted.trial import unittest
+from twisted.trial.unittest import TestCase
 
-from qtwist.control import Settings
-from qtwist.grants import Grants
-from qtwist.login import FailureThrottle, Logins, mail_portal
-from qtwist.maildir import SEEN, with_flag
-from qtwist.pop3d import POP3Factory, crlf_chunks, dot_stuffed, top_chunks
-from qtwist.users import UserDB
+from qtwist.login import MAX_DELAY
+from qtwist.pop3d import crlf_chunks, dot_stuffed, top_chunks
+from qtwist.users import NO_POP, NO_RELAY, UserDB
+from tests.support.home import DOMAIN, PASSWORD, edit_file, make_home
+from tests.support.memory import Home, POP3Client, POP3Rig, wait_for
 
-ALICE = "alice@example.test"
-PASSWORD = "secret"
-HOST = "127.0.0.1"
-TIMEOUT = 10
+ALICE = f"alice@{DOMAIN}"
+OK = b"+OK\r\n"
+REFUSED = b"-ERR [AUTH] authorization failed\r\n"
+BLOCKED = b"-ERR [SYS/TEMP] too many failed logins from your address, try again later\r\n"
+LIFETIME = 10800  # relaygrantlifetime's default
 
 # LF line ends as qmail-local writes them; a dot line, a lone dot, a CRLF line.
 MESSAGE = (b"From: bob@example.net\n"
@@ -50,23 +39,21 @@ MESSAGE = (b"From: bob@example.net\n"
            b".\n"
            b"already crlf\r\n"
            b"last line\n")
-MESSAGE_AS_SENT = MESSAGE.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
-
-
-def read_line(conn: socket.socket) -> bytes:
-    """One reply line, read a byte at a time so nothing after it is consumed."""
-    line = b""
-    while not line.endswith(b"\n"):
-        byte = conn.recv(1)
-        if not byte:
-            break
-        line += byte
-    return line
+MESSAGE_AS_SENT = (b"From: bob@example.net\r\n"
+                   b"Subject: dots\r\n"
+                   b"\r\n"
+                   b"first line\r\n"
+                   b".leading dot\r\n"
+                   b".\r\n"
+                   b"already crlf\r\n"
+                   b"last line\r\n")
 
 
 def as_sent(raw: bytes) -> bytes:
     return b"".join(crlf_chunks(io.BytesIO(raw)))
 
+
+# -- message text as sent -----------------------------------------------------------------------
 
 @pytest.mark.parametrize("raw, expected", [
     (b"a\nb\n", b"a\r\nb\r\n"),
@@ -104,64 +91,50 @@ def test_dot_stuffing_doubles_leading_dots_across_chunks() -> None:
     assert stuffed == b"..a\r\n..b\r\nc\r\n..d\r\n.\r\n"
 
 
-@pytest.mark.parametrize("name, expected", [
-    ("123.abc.host", "123.abc.host:2,S"),
-    ("123.abc.host:2,", "123.abc.host:2,S"),
-    ("123.abc.host:2,FT", "123.abc.host:2,FST"),
-    ("123.abc.host:2,S", "123.abc.host:2,S"),
-])
-def test_seen_flag_is_added_in_ascii_order(name: str, expected: str) -> None:
-    assert with_flag(name, SEEN) == expected
+# -- the server in memory -----------------------------------------------------------------------
+
+class StoreDown(Exception):
+    """The user database cannot be reached."""
 
 
-class POP3ServerTests(unittest.TestCase):
-    """A real server on 127.0.0.1 with a real vpasswd home."""
+class UnreachableUserDB(UserDB):
+    """A user store whose every password check fails (a database outage)."""
 
-    tls_options = None
-    settings = Settings(me="mx.example.test")
+    def authenticate(self, address: str, password: str):
+        raise StoreDown("the user database is down")
+
+
+class POP3TestCase(TestCase):
+    """A home with alice and bob (clear-text passwords kept, for APOP) and its POP3 server."""
 
     def setUp(self) -> None:
-        self.home = Path(tempfile.mkdtemp(prefix="qtwist-pop3d-"))
-        self.addCleanup(shutil.rmtree, self.home)
-        self.users = UserDB(self.home)
-        self.users.add_domain("example.test")
-        self.users.add_user(ALICE, PASSWORD, cleartext=True)
-        self.maildir = self.home / "domains" / "example.test" / "alice" / "Maildir"
-        self.grants = Grants(self.home)
-        self.throttle = FailureThrottle(reactor, lambda: (self.settings.authfaillimit,
-                                                          self.settings.authfailwindow,
-                                                          self.settings.authfailblock))
-        self.factory = POP3Factory(logins=Logins("pop3d", mail_portal(self.users, "pop3"), self.throttle, reactor),
-                                   grants=self.grants, settings=lambda: self.settings,
-                                   tls_options=self.tls_options)
-        # Tracks the server side of each connection, so a test ends only once all have closed.
-        self.connections = WrappingFactory(self.factory)
-        self.listener = self.listen(self.connections)
-        self.port = self.listener.getHost().port
-        self.addCleanup(self._stop)
+        path = Path(tempfile.mkdtemp(prefix="qtwist-pop3d-"))
+        self.addCleanup(shutil.rmtree, path, True)
+        make_home(path, cleartext=True)
+        self.home = Home(path)
+        self.maildir = path / "domains" / DOMAIN / "alice" / "Maildir"
+        self.rig = POP3Rig(self.home)
 
-    @defer.inlineCallbacks
-    def _stop(self):
-        yield self.listener.stopListening()
-        yield self.all_closed()
+    # -- setting up ---------------------------------------------------------------------------
 
-    @defer.inlineCallbacks
-    def all_closed(self):
-        """Wait until the server has seen every connection end."""
-        deadline = time.monotonic() + TIMEOUT
-        while self.connections.protocols:
-            self.assertLess(time.monotonic(), deadline, "server connections still open")
-            yield task.deferLater(reactor, 0.01, lambda: None)
+    def control(self, name: str, text: str) -> None:
+        (self.home.path / "control" / name).write_text(text)
+        self.home.reload()
 
-    # -- helpers --------------------------------------------------------------------
+    def set_flags(self, name: str, flags: int) -> None:
+        """vpopmail flag bits in the user's vpasswd gid field, as vmoduser sets them."""
+        vpasswd = self.home.path / "domains" / DOMAIN / "vpasswd"
+        lines = []
+        for line in vpasswd.read_text().splitlines():
+            fields = line.split(":")
+            if fields[0] == name:
+                fields[3] = str(flags)
+            lines.append(":".join(fields))
+        edit_file(vpasswd, "\n".join(lines) + "\n")
 
-    def listen(self, factory: WrappingFactory) -> IListeningPort:
-        return reactor.listenTCP(0, factory, interface=HOST)
-
-    def drop(self, raw: bytes, mtime: float | None = None, folder: str = "new",
-             name: str | None = None) -> Path:
-        """Deliver the Maildir way: tmp/ then rename."""
-        name = name or f"{int(time.time())}.P{os.getpid()}Q{uuid.uuid4().hex[:8]}.mx.example.test"
+    def drop(self, raw: bytes, name: str = "1000000000.P1Q1.mx.example.test", mtime: float | None = None,
+             folder: str = "new") -> Path:
+        """Deliver as a delivery agent does: tmp/ then rename."""
         tmp = self.maildir / "tmp" / name.split(":")[0]
         tmp.write_bytes(raw)
         if mtime is not None:
@@ -171,645 +144,538 @@ class POP3ServerTests(unittest.TestCase):
         return final
 
     def files(self) -> list[str]:
-        return sorted(f"{sub}/{name}" for sub in ("new", "cur")
-                      for name in os.listdir(self.maildir / sub))
+        """What the Maildir holds, as folder/name."""
+        return sorted(f"{folder}/{name}" for folder in ("new", "cur", "tmp")
+                      for name in os.listdir(self.maildir / folder))
 
-    def connect(self) -> poplib.POP3:
-        return poplib.POP3(HOST, self.port, timeout=TIMEOUT)
+    def granted(self) -> list[str]:
+        """The client IPs with a live POP-before-SMTP grant."""
+        return [ip for ip, _ in self.home.grants.list() if self.home.grants.is_live(ip, LIFETIME)]
 
-    def session(self) -> poplib.POP3:
-        """A session ready for USER/PASS (the TLS variant runs STLS first)."""
-        return self.connect()
+    # -- talking ------------------------------------------------------------------------------
 
-    def login(self, user: str = ALICE, password: str = PASSWORD) -> poplib.POP3:
-        pop = self.session()
-        try:
-            pop.user(user)
-            pop.pass_(password)
-        except poplib.error_proto:
-            pop.close()
-            raise
-        return pop
+    async def greeted_with_timestamp(self, ip: str = "127.0.0.1") -> tuple[POP3Client, str]:
+        client = self.rig.connect(ip)
+        greeting = await client.wait()
+        match = re.fullmatch(rb"\+OK (<[^<>@\s]+@mx\.example\.test>)\r\n", greeting)
+        self.assertIsNotNone(match, greeting)
+        return client, match.group(1).decode()
 
-    def open_socket(self) -> socket.socket:
-        """A raw connection past the greeting, ready for USER/PASS."""
-        conn = socket.create_connection((HOST, self.port), timeout=TIMEOUT)
-        read_line(conn)
-        return conn
+    async def login(self, ip: str = "127.0.0.1", user: str = ALICE) -> POP3Client:
+        client = await self.rig.greeted(ip)
+        self.assertEqual(await client.ask(f"USER {user}"), OK)
+        self.assertEqual(await client.ask(f"PASS {PASSWORD}"), OK)
+        return client
 
-    def raw(self, commands: bytes, until: bytes) -> bytes:
-        """Send ``commands`` in one write; return the replies up to ``until``."""
-        with self.open_socket() as conn:
-            conn.sendall(commands)
-            received = b""
-            while until not in received:
-                data = conn.recv(65536)
-                if not data:
-                    break
-                received += data
-        return received
+    async def quit(self, client: POP3Client, reply: bytes = OK) -> None:
+        self.assertEqual(await client.ask("QUIT"), reply)
+        self.assertTrue(client.closed)
 
-    # -- login ---------------------------------------------------------------------------
+    async def held_back(self, client: POP3Client, line: str) -> None:
+        """Send a login that fails, and wait until the password check (in a thread) has
+        set the throttle's delay on the clock; nothing is answered before it passes."""
+        clock = self.home.clock
+        pending = len(clock.getDelayedCalls())
+        client.send(line + "\r\n")
+        await wait_for(lambda: len(clock.getDelayedCalls()) > pending or client.output[client.read:],
+                       "the failed-login throttle to delay the answer")
+        self.assertEqual(client.output[client.read:], b"", "answered without the throttle's delay")
 
-    @defer.inlineCallbacks
-    def test_login_with_user_and_pass(self):
-        def client():
-            pop = self.login()
-            welcome = pop.getwelcome()
-            stat = pop.stat()
-            pop.quit()
-            return welcome, stat
-        welcome, stat = yield deferToThread(client)
-        self.assertRegex(welcome, rb"^\+OK <[^<>@]+@mx\.example\.test>$")
-        self.assertEqual(stat, (0, 0))
+    async def refused_late(self, client: POP3Client, line: str) -> bytes:
+        """The answer to a failing login, once the throttle's delay has passed."""
+        await self.held_back(client, line)
+        self.home.clock.advance(MAX_DELAY)
+        return await client.wait()
 
-    @defer.inlineCallbacks
-    def test_login_accepts_percent_for_at(self):
-        def client():
-            pop = self.login("alice%example.test")
-            pop.quit()
-        yield deferToThread(client)
 
-    @defer.inlineCallbacks
-    def test_wrong_password_is_refused_after_a_delay_and_grants_nothing(self):
-        def client():
-            pop = self.session()
-            pop.user(ALICE)
-            started = time.monotonic()
-            with self.assertRaises(poplib.error_proto) as refused:
-                pop.pass_("wrong")
-            elapsed = time.monotonic() - started
-            pop.quit()
-            return refused.exception.args[0], elapsed
-        reply, elapsed = yield deferToThread(client)
-        self.assertEqual(reply, b"-ERR [AUTH] authorization failed")
-        self.assertGreaterEqual(elapsed, 0.9)
-        self.assertFalse(self.grants.is_live(HOST, 10800))
+class POP3LoginTests(POP3TestCase):
 
-    @defer.inlineCallbacks
-    def test_ip_that_failed_too_often_is_refused_without_a_password_check(self):
-        self.settings = Settings(me="mx.example.test", pop3requiretls=self.settings.pop3requiretls,
-                                 authfaillimit=2, authfailblock=600)
+    async def test_user_and_pass_log_in_after_a_greeting_with_an_apop_timestamp(self) -> None:
+        client, _ = await self.greeted_with_timestamp()
+        self.assertEqual(await client.ask(f"USER {ALICE}"), OK)
+        self.assertEqual(await client.ask(f"PASS {PASSWORD}"), OK)
+        self.assertEqual(await client.ask("STAT"), b"+OK 0 0\r\n")
+        await self.quit(client)
 
-        def client():
-            pop = self.session()
-            for _ in range(2):
-                pop.user(ALICE)
-                with self.assertRaises(poplib.error_proto):
-                    pop.pass_("wrong")
-            replies = []
-            pop.user(ALICE)
-            for attempt in (lambda: pop.pass_(PASSWORD), lambda: pop.apop(ALICE, PASSWORD)):
-                with self.assertRaises(poplib.error_proto) as refused:
-                    attempt()
-                replies.append(refused.exception.args[0])
-            pop.quit()
-            return replies
-        replies = yield deferToThread(client)
-        self.assertEqual(replies, [b"-ERR [SYS/TEMP] too many failed logins from your address, "
-                                   b"try again later"] * 2)
-        self.assertTrue(self.throttle.blocked(HOST))
-        self.assertFalse(self.grants.is_live(HOST, 10800))
-
-    @defer.inlineCallbacks
-    def test_good_login_forgets_earlier_failures(self):
-        def client():
-            pop = self.session()
-            pop.user(ALICE)
-            with self.assertRaises(poplib.error_proto):
-                pop.pass_("wrong")
-            pop.user(ALICE)
-            pop.pass_(PASSWORD)
-            pop.quit()
-        yield deferToThread(client)
-        self.assertNotIn(HOST, self.throttle.failures)
-
-    @defer.inlineCallbacks
-    def test_unknown_user_gets_the_same_answer_as_a_wrong_password(self):
-        def client():
-            pop = self.session()
-            pop.user("nobody@example.test")
-            with self.assertRaises(poplib.error_proto) as refused:
-                pop.pass_(PASSWORD)
-            pop.quit()
-            return refused.exception.args[0]
-        self.assertEqual((yield deferToThread(client)), b"-ERR [AUTH] authorization failed")
-
-    @defer.inlineCallbacks
-    def test_user_without_pop_rights_is_refused(self):
-        vpasswd = self.home / "domains" / "example.test" / "vpasswd"
-        fields = vpasswd.read_text().rstrip("\n").split(":")
-        fields[3] = "2"  # vpopmail's NO_POP flag
-        vpasswd.write_text(":".join(fields) + "\n")
-
-        def client():
-            pop = self.session()
-            pop.user(ALICE)
-            with self.assertRaises(poplib.error_proto) as refused:
-                pop.pass_(PASSWORD)
-            pop.quit()
-            return refused.exception.args[0]
-        self.assertEqual((yield deferToThread(client)), b"-ERR [AUTH] authorization failed")
-        self.assertFalse(self.grants.is_live(HOST, 10800))
-
-    @defer.inlineCallbacks
-    def test_pass_before_user_and_stat_before_login_are_refused(self):
-        def client():
-            pop = self.session()
-            with self.assertRaises(poplib.error_proto):
-                pop.pass_(PASSWORD)
-            with self.assertRaises(poplib.error_proto):
-                pop.stat()
-            pop.quit()
-        yield deferToThread(client)
-
-    @defer.inlineCallbacks
-    def test_successful_login_records_a_relay_grant_for_the_client_ip(self):
-        self.assertFalse(self.grants.is_live(HOST, 10800))
-
-        def client():
-            self.login().quit()
-        yield deferToThread(client)
-        self.assertTrue(self.grants.is_live(HOST, 10800))
-        self.assertEqual([ip for ip, _ in self.grants.list()], [HOST])
-
-    @defer.inlineCallbacks
-    def test_apop_login_with_the_greeting_timestamp(self):
+    async def test_user_percent_domain_logs_in_as_user_at_domain(self) -> None:
         self.drop(MESSAGE)
+        client = await self.login(user=f"alice%{DOMAIN}")
+        self.assertEqual(await client.ask("STAT"), b"+OK 1 %d\r\n" % len(MESSAGE_AS_SENT))
 
-        def client():
-            pop = self.session()
-            pop.apop(ALICE, PASSWORD)
-            count = pop.stat()[0]
-            pop.quit()
-            return count
-        self.assertEqual((yield deferToThread(client)), 1)
-        self.assertTrue(self.grants.is_live(HOST, 10800))
+    async def test_wrong_password_is_refused_after_a_delay_and_grants_nothing(self) -> None:
+        client = await self.rig.greeted()
+        await client.ask(f"USER {ALICE}")
+        await self.held_back(client, "PASS wrong")
+        self.home.clock.advance(0.9)
+        self.assertEqual(client.output[client.read:], b"")
+        self.home.clock.advance(0.1)
+        self.assertEqual(await client.wait(), REFUSED)
+        self.assertEqual(await client.ask("STAT"), b"-ERR STAT is not valid in the AUTHORIZATION state\r\n")
+        self.assertEqual(self.granted(), [])
 
-    @defer.inlineCallbacks
-    def test_apop_with_a_wrong_secret_is_refused(self):
-        def client():
-            pop = self.session()
-            with self.assertRaises(poplib.error_proto) as refused:
-                pop.apop(ALICE, "wrong")
-            pop.quit()
-            return refused.exception.args[0]
-        self.assertEqual((yield deferToThread(client)), b"-ERR [AUTH] authorization failed")
+    async def test_ip_that_failed_too_often_is_refused_without_a_password_check(self) -> None:
+        self.control("authfaillimit", "2\n")
+        self.control("authfailblock", "600\n")
+        client, timestamp = await self.greeted_with_timestamp()
+        for _ in range(2):
+            await client.ask(f"USER {ALICE}")
+            self.assertEqual(await self.refused_late(client, "PASS wrong"), REFUSED)
+        # The right password and the right APOP digest, answered at once without a look at either.
+        await client.ask(f"USER {ALICE}")
+        self.assertEqual(await client.ask(f"PASS {PASSWORD}"), BLOCKED)
+        digest = hashlib.md5((timestamp + PASSWORD).encode()).hexdigest()
+        self.assertEqual(await client.ask(f"APOP {ALICE} {digest}"), BLOCKED)
+        self.assertEqual(self.granted(), [])
 
-    @defer.inlineCallbacks
-    def test_second_session_on_a_locked_maildrop_is_refused_until_the_first_ends(self):
-        def client():
-            first = self.login()
-            second = self.session()
-            second.user(ALICE)
-            with self.assertRaises(poplib.error_proto) as refused:
-                second.pass_(PASSWORD)
-            first.quit()
-            second.user(ALICE)
-            second.pass_(PASSWORD)
-            second.quit()
-            return refused.exception.args[0]
-        self.assertEqual((yield deferToThread(client)), b"-ERR [IN-USE] maildrop already locked")
+        other = await self.login("127.0.0.2")
+        await self.quit(other)
+        self.assertEqual(self.granted(), ["127.0.0.2"])
 
-    @defer.inlineCallbacks
-    def test_dropped_session_releases_the_lock(self):
-        def client():
-            self.login().close()
-            deadline = time.monotonic() + TIMEOUT
-            while True:
-                try:
-                    pop = self.login()
-                except poplib.error_proto:
-                    assert time.monotonic() < deadline, "the lock was never released"
-                    continue
-                pop.quit()
-                return
-        yield deferToThread(client)
+        self.home.clock.advance(600)
+        await self.quit(await self.login())
 
-    # -- CAPA -----------------------------------------------------------------------------
+    async def test_good_login_forgets_earlier_failures(self) -> None:
+        self.control("authfaillimit", "2\n")
+        client = await self.rig.greeted()
+        await client.ask(f"USER {ALICE}")
+        self.assertEqual(await self.refused_late(client, "PASS wrong"), REFUSED)
+        await client.ask(f"USER {ALICE}")
+        self.assertEqual(await client.ask(f"PASS {PASSWORD}"), OK)
+        await self.quit(client)
 
-    @defer.inlineCallbacks
-    def test_capa_lists_what_is_available(self):
-        def client():
-            pop = self.connect()
-            before = pop.capa()
-            pop.user(ALICE)
-            pop.pass_(PASSWORD)
-            after = pop.capa()
-            pop.quit()
-            return before, after
-        before, after = yield deferToThread(client)
-        self.assertEqual(before, {"TOP": [], "UIDL": [], "USER": [], "PIPELINING": [], "RESP-CODES": [],
-                                  "AUTH-RESP-CODE": [], "IMPLEMENTATION": ["qtwist"]})
-        self.assertNotIn("USER", after)
-        self.assertIn("UIDL", after)
+        client = await self.rig.greeted()
+        await client.ask(f"USER {ALICE}")
+        self.assertEqual(await self.refused_late(client, "PASS wrong"), REFUSED)
+        await client.ask(f"USER {ALICE}")
+        self.assertEqual(await client.ask(f"PASS {PASSWORD}"), OK)
 
-    # -- the maildrop ---------------------------------------------------------------------
+    async def test_unknown_user_is_answered_like_a_wrong_password(self) -> None:
+        client = await self.rig.greeted()
+        self.assertEqual(await client.ask(f"USER nobody@{DOMAIN}"), OK)
+        self.assertEqual(await self.refused_late(client, f"PASS {PASSWORD}"), REFUSED)
 
-    @defer.inlineCallbacks
-    def test_stat_list_retr_are_byte_exact_with_crlf_and_dot_lines(self):
+    async def test_user_without_pop_rights_is_refused_like_a_wrong_password(self) -> None:
+        self.set_flags("alice", NO_POP)
+        client = await self.rig.greeted()
+        await client.ask(f"USER {ALICE}")
+        self.assertEqual(await self.refused_late(client, f"PASS {PASSWORD}"), REFUSED)
+        self.assertEqual(self.granted(), [])
+
+    async def test_pass_before_user_is_refused(self) -> None:
+        client = await self.rig.greeted()
+        self.assertEqual(await client.ask(f"PASS {PASSWORD}"), b"-ERR USER first\r\n")
+        self.assertEqual(await client.ask("STAT"), b"-ERR STAT is not valid in the AUTHORIZATION state\r\n")
+
+    async def test_stat_before_login_is_refused(self) -> None:
+        client = await self.rig.greeted()
+        self.assertEqual(await client.ask("STAT"), b"-ERR STAT is not valid in the AUTHORIZATION state\r\n")
+        await self.quit(client)
+
+    async def test_login_records_a_relay_grant_for_the_client_ip(self) -> None:
+        self.assertEqual(self.granted(), [])
+        await self.quit(await self.login("127.0.0.3"))
+        self.assertEqual(self.granted(), ["127.0.0.3"])
+
+    async def test_login_from_an_ipv4_mapped_address_grants_the_ipv4_address(self) -> None:
+        await self.login("::ffff:127.0.0.5")
+        self.assertEqual(self.granted(), ["127.0.0.5"])
+
+    async def test_failures_from_an_ipv4_mapped_address_block_the_ipv4_address(self) -> None:
+        self.control("authfaillimit", "1\n")
+        client = await self.rig.greeted("::ffff:127.0.0.6")
+        await client.ask(f"USER {ALICE}")
+        self.assertEqual(await self.refused_late(client, "PASS wrong"), REFUSED)
+        client = await self.rig.greeted("127.0.0.6")
+        await client.ask(f"USER {ALICE}")
+        self.assertEqual(await client.ask(f"PASS {PASSWORD}"), BLOCKED)
+
+    async def test_user_without_relay_rights_logs_in_but_gets_no_grant(self) -> None:
+        self.set_flags("alice", NO_RELAY)
         self.drop(MESSAGE)
+        client = await self.login()
+        self.assertEqual(await client.ask("STAT"), b"+OK 1 %d\r\n" % len(MESSAGE_AS_SENT))
+        self.assertEqual(self.granted(), [])
 
-        def client():
-            pop = self.login()
-            stat = pop.stat()
-            listing = pop.list()[1]
-            one = pop.list(1)
-            _, lines, octets = pop.retr(1)
-            pop.quit()
-            return stat, listing, one, lines, octets
-        stat, listing, one, lines, octets = yield deferToThread(client)
+    async def test_apop_with_the_greetings_timestamp_logs_in_and_grants_relaying(self) -> None:
+        self.drop(MESSAGE)
+        client, timestamp = await self.greeted_with_timestamp("127.0.0.4")
+        digest = hashlib.md5((timestamp + PASSWORD).encode()).hexdigest()
+        self.assertEqual(await client.ask(f"APOP {ALICE} {digest}"), OK)
+        self.assertEqual(await client.ask("STAT"), b"+OK 1 %d\r\n" % len(MESSAGE_AS_SENT))
+        self.assertEqual(self.granted(), ["127.0.0.4"])
+
+    async def test_apop_with_a_wrong_digest_is_refused(self) -> None:
+        client, timestamp = await self.greeted_with_timestamp()
+        digest = hashlib.md5((timestamp + "wrong").encode()).hexdigest()
+        self.assertEqual(await self.refused_late(client, f"APOP {ALICE} {digest}"), REFUSED)
+        self.assertEqual(self.granted(), [])
+
+    async def test_second_session_on_a_locked_maildrop_is_refused_until_the_first_ends(self) -> None:
+        first = await self.login()
+        second = await self.rig.greeted()
+        await second.ask(f"USER {ALICE}")
+        self.assertEqual(await second.ask(f"PASS {PASSWORD}"), b"-ERR [IN-USE] maildrop already locked\r\n")
+        await self.quit(first)
+        await second.ask(f"USER {ALICE}")
+        self.assertEqual(await second.ask(f"PASS {PASSWORD}"), OK)
+
+    async def test_dropped_session_releases_the_lock(self) -> None:
+        (await self.login()).hang_up()
+        await self.quit(await self.login())
+
+    async def test_user_store_failure_is_a_temporary_error_not_counted_by_the_throttle(self) -> None:
+        self.control("authfaillimit", "2\n")
+        broken = POP3Rig(self.home, users=UnreachableUserDB(self.home.path))
+        client = await broken.greeted()
+        for _ in range(3):
+            await client.ask(f"USER {ALICE}")
+            self.assertEqual(await client.ask(f"PASS {PASSWORD}"),
+                             b"-ERR [SYS/TEMP] unable to check the password now, try again later\r\n")
+        self.assertEqual(len(self.flushLoggedErrors(StoreDown)), 3)
+        self.assertEqual(self.granted(), [])
+        await self.quit(await self.login())  # the same address, not locked out
+
+    async def test_capa_lists_user_only_before_login_and_never_stls_without_tls(self) -> None:
+        client = await self.rig.greeted()
+        self.assertEqual(await client.ask("CAPA", multiline=True),
+                         b"+OK capability list follows\r\nTOP\r\nUIDL\r\nUSER\r\nPIPELINING\r\nRESP-CODES\r\n"
+                         b"AUTH-RESP-CODE\r\nIMPLEMENTATION qtwist\r\n.\r\n")
+        self.assertEqual(await client.ask("STLS"), b"-ERR STLS not available\r\n")
+        await client.ask(f"USER {ALICE}")
+        await client.ask(f"PASS {PASSWORD}")
+        self.assertEqual(await client.ask("CAPA", multiline=True),
+                         b"+OK capability list follows\r\nTOP\r\nUIDL\r\nPIPELINING\r\nRESP-CODES\r\n"
+                         b"AUTH-RESP-CODE\r\nIMPLEMENTATION qtwist\r\n.\r\n")
+
+    async def test_pop3requiretls_refuses_user_and_pass_in_the_clear_but_not_apop(self) -> None:
+        self.control("pop3requiretls", "1\n")
+        client, timestamp = await self.greeted_with_timestamp()
+        self.assertEqual(await client.ask("CAPA", multiline=True),
+                         b"+OK capability list follows\r\nTOP\r\nUIDL\r\nPIPELINING\r\nRESP-CODES\r\n"
+                         b"AUTH-RESP-CODE\r\nIMPLEMENTATION qtwist\r\n.\r\n")
+        self.assertEqual(await client.ask(f"USER {ALICE}"), b"-ERR [AUTH] use STLS before logging in\r\n")
+        self.assertEqual(await client.ask(f"PASS {PASSWORD}"), b"-ERR [AUTH] use STLS before logging in\r\n")
+        self.assertEqual(self.granted(), [])
+        # APOP sends a digest, never the password.
+        digest = hashlib.md5((timestamp + PASSWORD).encode()).hexdigest()
+        self.assertEqual(await client.ask(f"APOP {ALICE} {digest}"), OK)
+        self.assertEqual(self.granted(), ["127.0.0.1"])
+
+
+class POP3MaildropTests(POP3TestCase):
+
+    async def test_stat_list_retr_are_byte_exact_with_crlf_and_dot_lines(self) -> None:
+        self.drop(MESSAGE)
         size = len(MESSAGE_AS_SENT)
-        self.assertEqual(stat, (1, size))
-        self.assertEqual(listing, [b"1 %d" % size])
-        self.assertEqual(one, b"+OK 1 %d" % size)
-        self.assertEqual(lines, MESSAGE_AS_SENT.split(b"\r\n")[:-1])
-        self.assertEqual(octets, size)
+        client = await self.login()
+        self.assertEqual(await client.ask("STAT"), b"+OK 1 %d\r\n" % size)
+        self.assertEqual(await client.ask("LIST", multiline=True), b"+OK 1 messages\r\n1 %d\r\n.\r\n" % size)
+        self.assertEqual(await client.ask("LIST 1"), b"+OK 1 %d\r\n" % size)
+        self.assertEqual(await client.ask("RETR 1", multiline=True),
+                         b"+OK message follows\r\n"
+                         b"From: bob@example.net\r\n"
+                         b"Subject: dots\r\n"
+                         b"\r\n"
+                         b"first line\r\n"
+                         b"..leading dot\r\n"
+                         b"..\r\n"
+                         b"already crlf\r\n"
+                         b"last line\r\n"
+                         b".\r\n")
 
-    @defer.inlineCallbacks
-    def test_retr_on_the_wire_is_dot_stuffed_with_crlf_and_a_final_dot(self):
-        self.drop(MESSAGE)
-        wire = yield deferToThread(
-            self.raw, f"USER {ALICE}\r\nPASS {PASSWORD}\r\nRETR 1\r\nQUIT\r\n".encode(), b"\r\n.\r\n")
-        body = wire.split(b"+OK message follows\r\n", 1)[1]
-        self.assertEqual(body.split(b"\r\n.\r\n")[0] + b"\r\n.\r\n",
-                         MESSAGE_AS_SENT.replace(b"\r\n.", b"\r\n..") + b".\r\n")
-
-    @defer.inlineCallbacks
-    def test_retr_streams_a_large_message_intact(self):
+    async def test_retr_sends_a_large_message_intact(self) -> None:
         # Many chunks long, with a CRLF straddling the first 64 KiB chunk boundary.
         head = b"Subject: big\n\n" + (b"x" * 99 + b"\n") * 655
         head += b"z" * (65535 - len(head))
-        raw = head + b"\r\n" + b".dot\nline\n" * 50000
+        raw = head + b"\r\n" + b".dot\nline\n" * 300000
         self.drop(raw)
+        crlf = raw.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
+        client = await self.login()
+        self.assertEqual(await client.ask("LIST 1"), b"+OK 1 %d\r\n" % len(crlf))
+        reply = await client.ask("RETR 1", multiline=True)
+        self.assertEqual(len(reply), len(b"+OK message follows\r\n") + len(crlf) + 300000 + len(b".\r\n"))
+        self.assertTrue(reply == b"+OK message follows\r\n" + crlf.replace(b"\r\n.", b"\r\n..") + b".\r\n")
 
-        def client():
-            pop = self.login()
-            size = pop.stat()[1]
-            _, lines, octets = pop.retr(1)
-            pop.quit()
-            return size, lines, octets
-        size, lines, octets = yield deferToThread(client)
-        self.assertEqual(size, len(as_sent(raw)))
-        self.assertEqual(octets, size)
-        self.assertEqual(b"\r\n".join(lines) + b"\r\n", as_sent(raw))
-
-    @defer.inlineCallbacks
-    def test_top_sends_headers_and_the_first_body_lines(self):
+    async def test_top_sends_the_header_and_the_first_body_lines(self) -> None:
         self.drop(MESSAGE)
+        client = await self.login()
+        self.assertEqual(await client.ask("TOP 1 0", multiline=True),
+                         b"+OK message follows\r\nFrom: bob@example.net\r\nSubject: dots\r\n\r\n.\r\n")
+        self.assertEqual(await client.ask("TOP 1 2", multiline=True),
+                         b"+OK message follows\r\nFrom: bob@example.net\r\nSubject: dots\r\n\r\n"
+                         b"first line\r\n..leading dot\r\n.\r\n")
 
-        def client():
-            pop = self.login()
-            top0 = pop.top(1, 0)[1]
-            top2 = pop.top(1, 2)[1]
-            pop.quit()
-            return top0, top2
-        top0, top2 = yield deferToThread(client)
-        self.assertEqual(top0, [b"From: bob@example.net", b"Subject: dots", b""])
-        self.assertEqual(top2, [b"From: bob@example.net", b"Subject: dots", b"", b"first line",
-                                b".leading dot"])
+    async def test_messages_are_numbered_by_delivery_time(self) -> None:
+        self.drop(b"Subject: newer\n\nb\n", "1000.a.host", mtime=2_000_000_000)
+        self.drop(b"Subject: older\n\na\n", "2000.b.host", mtime=1_000_000_000)
+        client = await self.login()
+        self.assertEqual(await client.ask("TOP 1 0", multiline=True),
+                         b"+OK message follows\r\nSubject: older\r\n\r\n.\r\n")
+        self.assertEqual(await client.ask("UIDL", multiline=True),
+                         b"+OK unique-id listing follows\r\n1 2000.b.host\r\n2 1000.a.host\r\n.\r\n")
 
-    @defer.inlineCallbacks
-    def test_messages_are_numbered_by_delivery_time(self):
-        self.drop(b"Subject: newer\n\nb\n", mtime=2_000_000_000, name="1000.a.host")
-        self.drop(b"Subject: older\n\na\n", mtime=1_000_000_000, name="2000.b.host")
+    async def test_uidl_is_the_maildir_unique_name_and_stable_across_sessions(self) -> None:
+        self.drop(MESSAGE, "1000000000.M1P2Q3.mx.example.test")
 
-        def client():
-            pop = self.login()
-            first = pop.top(1, 0)[1]
-            uids = pop.uidl()[1]
-            pop.quit()
-            return first, uids
-        first, uids = yield deferToThread(client)
-        self.assertIn(b"Subject: older", first)
-        self.assertEqual(uids, [b"1 2000.b.host", b"2 1000.a.host"])
-
-    @defer.inlineCallbacks
-    def test_uidl_is_the_maildir_unique_name_and_stable_across_sessions(self):
-        delivered = self.drop(MESSAGE)
-
-        def session():
-            pop = self.login()
-            listing = pop.uidl()[1]
-            one = pop.uidl(1)
-            pop.retr(1)
-            pop.quit()
+        async def session() -> tuple[bytes, bytes]:
+            client = await self.login()
+            listing = await client.ask("UIDL", multiline=True)
+            one = await client.ask("UIDL 1")
+            await client.ask("RETR 1", multiline=True)  # flags it seen at QUIT: a rename
+            await self.quit(client)
             return listing, one
-        first = yield deferToThread(session)
-        second = yield deferToThread(session)
-        self.assertEqual(first, ([b"1 " + delivered.name.encode()], b"+OK 1 " + delivered.name.encode()))
-        self.assertEqual(second, first)
 
-    @defer.inlineCallbacks
-    def test_login_moves_new_to_cur_and_retr_marks_seen_keeping_flags(self):
-        fresh = self.drop(MESSAGE, mtime=1_000_000_000)
-        flagged = self.drop(MESSAGE, mtime=2_000_000_000, folder="cur", name="2000.flagged.host:2,F")
+        first = await session()
+        self.assertEqual(first, (b"+OK unique-id listing follows\r\n1 1000000000.M1P2Q3.mx.example.test\r\n.\r\n",
+                                 b"+OK 1 1000000000.M1P2Q3.mx.example.test\r\n"))
+        self.assertEqual(self.files(), ["cur/1000000000.M1P2Q3.mx.example.test:2,S"])
+        self.assertEqual(await session(), first)
+
+    async def test_uidl_of_a_name_outside_rfc_1939s_characters_is_a_digest_of_it(self) -> None:
+        self.drop(MESSAGE, "1000.odd name.host")
+        client = await self.login()
+        self.assertEqual(await client.ask("UIDL 1"),
+                         b"+OK 1 %s\r\n" % hashlib.md5(b"1000.odd name.host").hexdigest().encode())
+
+    async def test_login_moves_new_to_cur_and_quit_flags_retrieved_messages_seen(self) -> None:
+        self.drop(MESSAGE, "1000.fresh.host", mtime=1_000_000_000)
+        self.drop(MESSAGE, "2000.flagged.host:2,FT", mtime=2_000_000_000, folder="cur")
         (self.maildir / "new" / ".hidden").write_bytes(b"not mail")
         (self.maildir / "tmp" / "3000.partial.host").write_bytes(b"half a delivery")
+        client = await self.login()
+        self.assertEqual(self.files(), ["cur/1000.fresh.host:2,", "cur/2000.flagged.host:2,FT", "new/.hidden",
+                                        "tmp/3000.partial.host"])
+        self.assertEqual(await client.ask("STAT"), b"+OK 2 %d\r\n" % (2 * len(MESSAGE_AS_SENT)))
+        await client.ask("RETR 1", multiline=True)
+        await client.ask("RETR 2", multiline=True)
+        self.assertEqual(self.files(), ["cur/1000.fresh.host:2,", "cur/2000.flagged.host:2,FT", "new/.hidden",
+                                        "tmp/3000.partial.host"])
+        await self.quit(client)
+        self.assertEqual(self.files(), ["cur/1000.fresh.host:2,S", "cur/2000.flagged.host:2,FST", "new/.hidden",
+                                        "tmp/3000.partial.host"])
 
-        def client():
-            pop = self.login()
-            count = pop.stat()[0]
-            pop.retr(1)
-            pop.retr(2)
-            pop.quit()
-            return count
-        self.assertEqual((yield deferToThread(client)), 2)
-        self.assertEqual(self.files(), sorted([f"cur/{flagged.name.split(':')[0]}:2,FS",
-                                               f"cur/{fresh.name}:2,S", "new/.hidden"]))
-
-    @defer.inlineCallbacks
-    def test_symlinks_in_the_maildir_are_not_messages(self):
-        secret = self.home / "secret"
+    async def test_symlinks_in_the_maildir_are_not_messages(self) -> None:
+        secret = self.home.path / "secret"
         secret.write_bytes(b"not for POP3 clients\n")
         (self.maildir / "new" / "1000.link.host").symlink_to(secret)
         (self.maildir / "cur" / "1001.link.host:2,").symlink_to(secret)
+        client = await self.login()
+        self.assertEqual(await client.ask("STAT"), b"+OK 0 0\r\n")
+        self.assertEqual(await client.ask("LIST", multiline=True), b"+OK 0 messages\r\n.\r\n")
+        self.assertEqual(await client.ask("RETR 1"), b"-ERR no such message\r\n")
 
-        def client():
-            pop = self.login()
-            stat = pop.stat()
-            pop.quit()
-            return stat
-        self.assertEqual((yield deferToThread(client)), (0, 0))
+    async def test_message_replaced_by_a_symlink_during_the_session_is_not_sent(self) -> None:
+        secret = self.home.path / "secret"
+        secret.write_bytes(b"not for POP3 clients\n")
+        self.drop(MESSAGE, "1000.swapped.host")
+        client = await self.login()
+        listed = self.maildir / "cur" / "1000.swapped.host:2,"
+        listed.unlink()
+        listed.symlink_to(secret)
+        self.assertEqual(await client.ask("RETR 1"), b"-ERR unable to open that message\r\n")
+        self.assertEqual(await client.ask("TOP 1 0"), b"-ERR unable to open that message\r\n")
 
-    @defer.inlineCallbacks
-    def test_top_does_not_mark_the_message_seen(self):
-        fresh = self.drop(MESSAGE)
+    async def test_top_does_not_mark_the_message_seen(self) -> None:
+        self.drop(MESSAGE, "1000.top.host")
+        client = await self.login()
+        await client.ask("TOP 1 1", multiline=True)
+        await self.quit(client)
+        self.assertEqual(self.files(), ["cur/1000.top.host:2,"])
 
-        def client():
-            pop = self.login()
-            pop.top(1, 1)
-            pop.quit()
-        yield deferToThread(client)
-        self.assertEqual(self.files(), [f"cur/{fresh.name}:2,"])
+    async def test_dele_then_quit_removes_the_file(self) -> None:
+        self.drop(b"Subject: keep\n\nk\n", "1000.keep.host", mtime=1_000_000_000)
+        self.drop(b"Subject: remove\n\nr\n", "2000.remove.host", mtime=2_000_000_000)
+        client = await self.login()
+        self.assertEqual(await client.ask("DELE 2"), b"+OK message 2 deleted\r\n")
+        self.assertEqual(await client.ask("STAT"), b"+OK 1 20\r\n")
+        self.assertEqual(self.files(), ["cur/1000.keep.host:2,", "cur/2000.remove.host:2,"])
+        await self.quit(client)
+        self.assertEqual(self.files(), ["cur/1000.keep.host:2,"])
+        client = await self.login()
+        self.assertEqual(await client.ask("TOP 1 0", multiline=True),
+                         b"+OK message follows\r\nSubject: keep\r\n\r\n.\r\n")
 
-    @defer.inlineCallbacks
-    def test_dele_then_quit_removes_the_message(self):
-        self.drop(b"Subject: keep\n\nk\n", mtime=1_000_000_000)
-        self.drop(b"Subject: remove\n\nr\n", mtime=2_000_000_000)
+    async def test_dele_then_a_dropped_connection_removes_nothing(self) -> None:
+        self.drop(MESSAGE, "1000.dele.host")
+        client = await self.login()
+        await client.ask("DELE 1")
+        client.hang_up()
+        self.assertEqual(self.files(), ["cur/1000.dele.host:2,"])
+        client = await self.login()
+        self.assertEqual(await client.ask("STAT"), b"+OK 1 %d\r\n" % len(MESSAGE_AS_SENT))
 
-        def client():
-            pop = self.login()
-            pop.dele(2)
-            count_after_dele = pop.stat()[0]
-            quit_reply = pop.quit()
-            pop = self.login()
-            left = pop.top(1, 0)[1]
-            pop.quit()
-            return count_after_dele, quit_reply, left
-        count_after_dele, quit_reply, left = yield deferToThread(client)
-        self.assertEqual(count_after_dele, 1)
-        self.assertTrue(quit_reply.startswith(b"+OK"))
-        self.assertIn(b"Subject: keep", left)
-        self.assertEqual(len(self.files()), 1)
+    async def test_retr_then_a_dropped_connection_flags_nothing(self) -> None:
+        self.drop(MESSAGE, "1000.retr.host")
+        client = await self.login()
+        await client.ask("RETR 1", multiline=True)
+        client.hang_up()
+        self.assertEqual(self.files(), ["cur/1000.retr.host:2,"])
 
-    @defer.inlineCallbacks
-    def test_dele_then_dropped_connection_removes_nothing(self):
+    async def test_connection_dropped_during_retr_keeps_the_message_and_frees_the_lock(self) -> None:
+        self.drop(b"Subject: big\n\n" + b"line of a long message\n" * 200000, "1000.big.host")
+        client = await self.login()
+        await client.ask("DELE 1")
+        await client.ask("RSET")
+        client.send("RETR 1\r\n")
+        await wait_for(lambda: client.output.endswith(b"+OK message follows\r\n"), "RETR to start")
+        client.hang_up()  # before the client has read the message
+        self.assertEqual(self.files(), ["cur/1000.big.host:2,"])
+        client = await self.login()
+        self.assertEqual(await client.ask("LIST", multiline=True),
+                         b"+OK 1 messages\r\n1 %d\r\n.\r\n" % (len(b"Subject: big\r\n\r\n") + 200000 * 24))
+
+    async def test_rset_undeletes(self) -> None:
+        self.drop(MESSAGE, "1000.rset.host")
+        client = await self.login()
+        await client.ask("DELE 1")
+        self.assertEqual(await client.ask("RETR 1"), b"-ERR message 1 already deleted\r\n")
+        self.assertEqual(await client.ask("STAT"), b"+OK 0 0\r\n")
+        self.assertEqual(await client.ask("RSET"), b"+OK 1 messages\r\n")
+        self.assertEqual(await client.ask("STAT"), b"+OK 1 %d\r\n" % len(MESSAGE_AS_SENT))
+        await self.quit(client)
+        self.assertEqual(self.files(), ["cur/1000.rset.host:2,"])
+
+    async def test_deleted_message_cannot_be_deleted_listed_or_read_again(self) -> None:
         self.drop(MESSAGE)
+        client = await self.login()
+        self.assertEqual(await client.ask("DELE 1"), b"+OK message 1 deleted\r\n")
+        for command in ("DELE 1", "LIST 1", "UIDL 1", "TOP 1 0", "RETR 1"):
+            self.assertEqual(await client.ask(command), b"-ERR message 1 already deleted\r\n", command)
+        self.assertEqual(await client.ask("LIST", multiline=True), b"+OK 0 messages\r\n.\r\n")
+        self.assertEqual(await client.ask("UIDL", multiline=True), b"+OK unique-id listing follows\r\n.\r\n")
 
-        def client():
-            pop = self.login()
-            pop.dele(1)
-            pop.close()
-        yield deferToThread(client)
-        yield self.all_closed()
-        self.assertEqual(len(self.files()), 1)
+    async def test_dele_notes_the_freed_sizes_in_maildirsize(self) -> None:
+        self.drop(b"Subject: sized\n\ns\n", "1000.sized.host,S=4321", mtime=1_000_000_000)
+        self.drop(MESSAGE, "2000.plain.host", mtime=2_000_000_000)
+        (self.maildir / "maildirsize").write_text("1000000S\n4321 1\n120 1\n")
+        client = await self.login()
+        await client.ask("DELE 1")
+        await client.ask("DELE 2")
+        await self.quit(client)
+        self.assertEqual(self.files(), [])
+        self.assertEqual((self.maildir / "maildirsize").read_text(),
+                         f"1000000S\n4321 1\n120 1\n-4321 -1\n-{len(MESSAGE)} -1\n")
 
-    @defer.inlineCallbacks
-    def test_retr_then_dropped_connection_flags_nothing(self):
-        fresh = self.drop(MESSAGE)
-
-        def client():
-            pop = self.login()
-            pop.retr(1)
-            pop.close()
-        yield deferToThread(client)
-        yield self.all_closed()
-        self.assertEqual(self.files(), [f"cur/{fresh.name}:2,"])
-
-    @defer.inlineCallbacks
-    def test_connection_dropped_during_retr_keeps_the_message_and_frees_the_lock(self):
-        self.drop(b"Subject: big\n\n" + b"line of a long message\n" * 200000)
-
-        def client():
-            with self.open_socket() as conn:
-                conn.sendall(f"USER {ALICE}\r\nPASS {PASSWORD}\r\nDELE 1\r\nRSET\r\nRETR 1\r\n".encode())
-                received = b""
-                while b"message follows" not in received:
-                    received += conn.recv(4096)
-        yield deferToThread(client)
-        yield self.all_closed()
-        self.assertEqual(len(self.files()), 1)
-
-        def next_session():
-            pop = self.login()
-            count = pop.stat()[0]
-            pop.quit()
-            return count
-        self.assertEqual((yield deferToThread(next_session)), 1)
-
-    @defer.inlineCallbacks
-    def test_rset_undoes_dele(self):
+    async def test_dele_starts_no_maildirsize(self) -> None:
         self.drop(MESSAGE)
+        client = await self.login()
+        await client.ask("DELE 1")
+        await self.quit(client)
+        self.assertFalse((self.maildir / "maildirsize").exists())
 
-        def client():
-            pop = self.login()
-            pop.dele(1)
-            with self.assertRaises(poplib.error_proto):
-                pop.retr(1)
-            pop.rset()
-            count = pop.stat()[0]
-            pop.quit()
-            return count
-        self.assertEqual((yield deferToThread(client)), 1)
-        self.assertEqual(len(self.files()), 1)
+    async def test_quit_says_so_when_a_deleted_message_cannot_be_removed(self) -> None:
+        self.drop(b"Subject: keep\n\nk\n", "1000.stuck.host", mtime=1_000_000_000)
+        self.drop(b"Subject: remove\n\nr\n", "2000.gone.host", mtime=2_000_000_000)
+        client = await self.login()
+        await client.ask("DELE 1")
+        await client.ask("DELE 2")
+        stuck = self.maildir / "cur" / "1000.stuck.host:2,"
+        stuck.unlink()
+        stuck.mkdir()  # a name unlink() cannot remove, whoever runs the test
+        await self.quit(client, b"-ERR some deleted messages not removed\r\n")
+        self.assertEqual(self.files(), ["cur/1000.stuck.host:2,"])
+        await self.quit(await self.login())  # the lock was released all the same
 
-    @defer.inlineCallbacks
-    def test_bad_message_numbers_get_err(self):
+
+class POP3SessionTests(POP3TestCase):
+
+    async def test_bad_message_numbers_and_syntax_errors_get_err(self) -> None:
         self.drop(MESSAGE)
+        client = await self.login()
+        for command, reply in [("RETR 0", b"-ERR no such message"),
+                               ("RETR 2", b"-ERR no such message"),
+                               ("LIST 9", b"-ERR no such message"),
+                               ("UIDL 3", b"-ERR no such message"),
+                               ("TOP 2 0", b"-ERR no such message"),
+                               ("RETR", b"-ERR syntax error"),
+                               ("RETR x", b"-ERR syntax error"),
+                               ("DELE -1", b"-ERR syntax error"),
+                               ("DELE 1x", b"-ERR syntax error"),
+                               ("TOP 1", b"-ERR syntax error"),
+                               ("TOP 1 x", b"-ERR syntax error")]:
+            self.assertEqual(await client.ask(command), reply + b"\r\n", command)
+        self.assertEqual(await client.ask("STAT"), b"+OK 1 %d\r\n" % len(MESSAGE_AS_SENT))
 
-        def client():
-            pop = self.login()
-            replies = []
-            for command in ("RETR 0", "RETR 2", "RETR x", "LIST 9", "DELE -1", "TOP 1", "UIDL 3"):
-                with self.assertRaises(poplib.error_proto) as refused:
-                    pop._shortcmd(command)
-                replies.append(refused.exception.args[0])
-            pop.quit()
-            return replies
-        replies = yield deferToThread(client)
-        self.assertTrue(all(reply.startswith(b"-ERR") for reply in replies), replies)
+    async def test_login_syntax_errors_get_err(self) -> None:
+        client = await self.rig.greeted()
+        self.assertEqual(await client.ask("USER"), b"-ERR syntax error\r\n")
+        self.assertEqual(await client.ask("USER  "), b"-ERR syntax error\r\n")
+        self.assertEqual(await client.ask(f"APOP {ALICE}"), b"-ERR syntax error\r\n")
+        self.assertEqual(await client.ask("APOP"), b"-ERR syntax error\r\n")
 
-    @defer.inlineCallbacks
-    def test_pipelined_commands_are_answered_in_order(self):
+    async def test_unknown_command_is_unimplemented(self) -> None:
+        client = await self.rig.greeted()
+        self.assertEqual(await client.ask("XYZZY"), b"-ERR unimplemented\r\n")
+        self.assertEqual(await client.ask("AUTH PLAIN"), b"-ERR unimplemented\r\n")
+        self.assertEqual(await client.ask("noop"), OK)
+
+    async def test_commands_in_the_wrong_state_are_refused(self) -> None:
         self.drop(MESSAGE)
-        commands = f"USER {ALICE}\r\nPASS {PASSWORD}\r\nSTAT\r\nUIDL 1\r\nNOOP\r\nQUIT\r\n".encode()
-        wire = yield deferToThread(self.raw, commands, b"\r\n+OK\r\n+OK\r\n")
-        replies = wire.split(b"\r\n")
-        self.assertEqual(replies[0:3], [b"+OK", b"+OK", b"+OK 1 %d" % len(MESSAGE_AS_SENT)])
-        self.assertTrue(replies[3].startswith(b"+OK 1 "))
-        self.assertEqual(replies[4:6], [b"+OK", b"+OK"])
+        client = await self.rig.greeted()
+        for verb in ("RETR 1", "DELE 1", "LIST", "UIDL", "TOP 1 0", "RSET"):
+            self.assertEqual(await client.ask(verb),
+                             b"-ERR %s is not valid in the AUTHORIZATION state\r\n" % verb.split()[0].encode())
+        await client.ask(f"USER {ALICE}")
+        await client.ask(f"PASS {PASSWORD}")
+        for verb in ("USER", "PASS", "APOP", "STLS"):
+            self.assertEqual(await client.ask(f"{verb} x y"),
+                             b"-ERR %s is not valid in the TRANSACTION state\r\n" % verb.encode())
+        self.assertEqual(self.files(), ["cur/1000000000.P1Q1.mx.example.test:2,"])
 
-    @defer.inlineCallbacks
-    def test_idle_session_is_closed_after_the_timeout(self):
-        self.factory.idle_timeout = 0.2
-
-        def client():
-            pop = self.connect()
-            return pop.file.readline(), pop.file.readline()
-        line, end = yield deferToThread(client)
-        self.assertTrue(line.startswith(b"-ERR"))
-        self.assertEqual(end, b"")
-
-
-class TLSMixin:
-    """A trustme CA, the server's CertificateOptions and a verifying client context."""
-
-    ca: trustme.CA
-
-    def make_certificate(self) -> CertificateOptions:
-        self.ca = trustme.CA()
-        server_cert = self.ca.issue_cert(HOST)
-        return CertificateOptions(
-            privateKey=load_pem_private_key(server_cert.private_key_pem.bytes(), None),
-            certificate=x509.load_pem_x509_certificate(server_cert.cert_chain_pems[0].bytes()))
-
-    def client_context(self) -> ssl.SSLContext:
-        context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-        self.ca.configure_trust(context)
-        return context
-
-
-class POP3TLSTests(TLSMixin, POP3ServerTests):
-    """The same server with a certificate and control/pop3requiretls: STLS before USER/PASS."""
-
-    settings = Settings(me="mx.example.test", pop3requiretls=True)
-
-    def setUp(self) -> None:
-        self.tls_options = self.make_certificate()
-        super().setUp()
-
-    def session(self) -> poplib.POP3:
-        pop = self.connect()
-        pop.stls(context=self.client_context())
-        return pop
-
-    def open_socket(self) -> socket.socket:
-        conn = super().open_socket()
-        conn.sendall(b"STLS\r\n")
-        read_line(conn)
-        return self.client_context().wrap_socket(conn, server_hostname=HOST)
-
-    @defer.inlineCallbacks
-    def test_capa_lists_what_is_available(self):
-        def client():
-            pop = self.connect()
-            before = pop.capa()
-            pop.stls(context=self.client_context())
-            after = pop.capa()
-            pop.quit()
-            return before, after
-        before, after = yield deferToThread(client)
-        self.assertIn("STLS", before)
-        self.assertNotIn("USER", before)
-        self.assertNotIn("STLS", after)
-        self.assertIn("USER", after)
-
-    @defer.inlineCallbacks
-    def test_user_in_the_clear_is_refused_when_tls_is_required(self):
-        def client():
-            pop = self.connect()
-            with self.assertRaises(poplib.error_proto) as refused:
-                pop.user(ALICE)
-            with self.assertRaises(poplib.error_proto) as no_user:
-                pop.pass_(PASSWORD)
-            pop.quit()
-            return refused.exception.args[0], no_user.exception.args[0]
-        refused, no_user = yield deferToThread(client)
-        self.assertEqual(refused, b"-ERR [AUTH] use STLS before logging in")
-        self.assertTrue(no_user.startswith(b"-ERR"))
-        self.assertFalse(self.grants.is_live(HOST, 10800))
-
-    @defer.inlineCallbacks
-    def test_apop_in_the_clear_is_allowed_when_tls_is_required(self):
-        # APOP sends a digest, never the password, so pop3requiretls does not apply to it.
+    async def test_pipelined_commands_are_answered_in_order(self) -> None:
         self.drop(MESSAGE)
+        size = len(MESSAGE_AS_SENT)
+        client = await self.rig.greeted()
+        client.send(f"USER {ALICE}\r\nPASS {PASSWORD}\r\nSTAT\r\nUIDL 1\r\nLIST\r\nTOP 1 0\r\nDELE 1\r\n"
+                    f"NOOP\r\nQUIT\r\nNOOP\r\n")
+        self.assertEqual(await client.wait(), OK)
+        self.assertEqual(await client.wait(), OK)
+        self.assertEqual(await client.wait(), b"+OK 1 %d\r\n" % size)
+        self.assertEqual(await client.wait(), b"+OK 1 1000000000.P1Q1.mx.example.test\r\n")
+        self.assertEqual(await client.wait(multiline=True), b"+OK 1 messages\r\n1 %d\r\n.\r\n" % size)
+        self.assertEqual(await client.wait(multiline=True),
+                         b"+OK message follows\r\nFrom: bob@example.net\r\nSubject: dots\r\n\r\n.\r\n")
+        self.assertEqual(await client.wait(), b"+OK message 1 deleted\r\n")
+        self.assertEqual(await client.wait(), OK)
+        self.assertEqual(await client.wait(), OK)
+        self.assertTrue(client.closed)
+        self.assertEqual(client.output[client.read:], b"")  # nothing after QUIT's answer
+        self.assertEqual(self.files(), [])
 
-        def client():
-            pop = self.connect()
-            pop.apop(ALICE, PASSWORD)
-            count = pop.stat()[0]
-            pop.quit()
-            return count
-        self.assertEqual((yield deferToThread(client)), 1)
+    async def test_commands_may_end_in_a_bare_lf_and_arrive_in_pieces(self) -> None:
+        client = await self.rig.greeted()
+        client.send("NOOP\n")
+        self.assertEqual(await client.wait(), OK)
+        client.send("NO")
+        client.send("OP\r")
+        client.send("\n")
+        self.assertEqual(await client.wait(), OK)
 
-    @defer.inlineCallbacks
-    def test_stls_certificate_verifies_and_the_session_works(self):
-        self.drop(MESSAGE)
+    async def test_overlong_line_is_refused_and_the_connection_closed(self) -> None:
+        client = await self.rig.greeted()
+        self.assertEqual(await client.ask("USER " + "a" * 1000), OK)  # long passwords exist
+        self.assertEqual(await client.ask("USER " + "a" * 1100), b"-ERR line too long\r\n")
+        self.assertTrue(client.closed)
 
-        def client():
-            pop = self.login()
-            peer = pop.sock.getpeercert()
-            _, lines, _ = pop.retr(1)
-            with self.assertRaises(poplib.error_proto):
-                pop._shortcmd("STLS")
-            pop.quit()
-            return peer, lines
-        peer, lines = yield deferToThread(client)
-        self.assertIn(("IP Address", HOST), peer["subjectAltName"])
-        self.assertEqual(lines, MESSAGE_AS_SENT.split(b"\r\n")[:-1])
+    async def test_idle_session_is_logged_out_after_the_idle_timeout(self) -> None:
+        idle = self.rig.factory.idle_timeout
+        client = await self.login()
+        self.home.clock.advance(idle - 1)
+        self.assertEqual(await client.ask("NOOP"), OK)  # activity starts the wait again
+        self.home.clock.advance(idle - 1)
+        self.assertEqual(client.output[client.read:], b"")
+        self.assertFalse(client.closed)
+        self.home.clock.advance(1)
+        self.assertEqual(await client.wait(), b"-ERR autologout time elapsed\r\n")
+        self.assertTrue(client.closed)
 
-    @defer.inlineCallbacks
-    def test_commands_pipelined_after_stls_in_the_clear_are_discarded(self):
-        def client():
-            with socket.create_connection((HOST, self.port), timeout=TIMEOUT) as conn:
-                reader = conn.makefile("rb")
-                reader.readline()
-                conn.sendall(b"STLS\r\nCAPA\r\n")
-                started = reader.readline()
-                tls = self.client_context().wrap_socket(conn, server_hostname=HOST)
-                tls.sendall(b"NOOP\r\n")
-                tls_reader = tls.makefile("rb")
-                reply = tls_reader.readline()
-                tls.sendall(b"QUIT\r\n")
-                tls_reader.readline()
-                tls_reader.close()
-                tls.close()
-                reader.close()
-                return started, reply
-        started, reply = yield deferToThread(client)
-        self.assertTrue(started.startswith(b"+OK"))
-        self.assertEqual(reply, b"+OK\r\n")
-
-
-class POP3ImplicitTLSTests(TLSMixin, POP3ServerTests):
-    """The same server behind implicit TLS (pop3s): pop3requiretls is met from the first byte."""
-
-    settings = Settings(me="mx.example.test", pop3requiretls=True)
-
-    def setUp(self) -> None:
-        self.tls_options = self.make_certificate()
-        super().setUp()
-
-    def listen(self, factory: WrappingFactory) -> IListeningPort:
-        return reactor.listenTCP(0, TLSMemoryBIOFactory(self.tls_options, False, factory), interface=HOST)
-
-    def connect(self) -> poplib.POP3:
-        return poplib.POP3_SSL(HOST, self.port, timeout=TIMEOUT, context=self.client_context())
-
-    def open_socket(self) -> socket.socket:
-        conn = socket.create_connection((HOST, self.port), timeout=TIMEOUT)
-        conn = self.client_context().wrap_socket(conn, server_hostname=HOST)
-        read_line(conn)
-        return conn
-
-    @defer.inlineCallbacks
-    def test_capa_lists_what_is_available(self):
-        def client():
-            pop = self.connect()
-            capabilities = pop.capa()
-            pop.quit()
-            return capabilities
-        capabilities = yield deferToThread(client)
-        self.assertIn("USER", capabilities)
-        self.assertNotIn("STLS", capabilities)
+    async def test_idle_timeout_in_the_middle_of_a_message_cuts_it_unfinished(self) -> None:
+        self.drop(b"Subject: big\n\n" + b"y" * 200_000 + b"\n")
+        client = await self.login()
+        client.send("RETR 1\r\n")
+        await wait_for(lambda: client.transport.producer is not None, "the message to start")
+        client.transport.producer.resumeProducing()  # the client reads one chunk, then no more
+        self.home.clock.advance(self.rig.factory.idle_timeout)
+        self.assertTrue(client.transport.disconnected)
+        self.assertNotIn(b"-ERR", client.output)
+        self.assertFalse(client.output.endswith(b"\r\n.\r\n"))

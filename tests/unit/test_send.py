@@ -1,670 +1,397 @@
-"""qmail-send's job end to end: the Scheduler over the real queue, real Maildir
-delivery and real SMTP delivery to a sink listening on 127.0.0.1.
-
-Every wait polls with a deadline; the only clocks involved are the scheduler's
-own (queuelifetime, the 1-second request poll)."""
+"""qmail-send's job: routing, retries, queuelifetime, bounces and concurrency,
+driven on a ``task.Clock`` over the real queue, with delivery channels the
+test answers (tests/support/memory.py), so hours of retries take no time.
+A few tests at the end run the real channels (the qmail-lspawn child, SMTP
+to the fake server) end to end."""
 
 from __future__ import annotations
 
-import gc
+import os
 import re
 import shutil
 import tempfile
-from dataclasses import dataclass, field
 from math import isqrt
 from pathlib import Path
-from typing import Callable, TypeVar
 
-from twisted.internet import reactor, task
-from twisted.internet.protocol import Factory, connectionDone
+from twisted.internet import reactor
 from twisted.internet.threads import deferToThread
 from twisted.logger import formatEvent, globalLogPublisher
-from twisted.protocols.basic import LineReceiver
-from twisted.python.failure import Failure
 from twisted.trial.unittest import TestCase
 
+from qtwist.bounce import DOUBLE_BOUNCE_SENDER, GIVING_UP
 from qtwist.control import load
+from qtwist.delivery import Outcome
 from qtwist.lspawn import LocalSpawn
-from qtwist.queue import BOUNCED, DELIVERED, FAILED, PENDING, Queue, QueuedMessage
+from qtwist.queue import BOUNCED, DELIVERED, PENDING, Queue, QueuedMessage
 from qtwist.queue.admin import queue_flush, queue_read, queue_remove, queue_stat
 from qtwist.remote import RemoteDelivery
 from qtwist.resolver import Lookups
 from qtwist.send import Scheduler, log_safe, next_retry
+from tests.support.fakesmtp import FakeSMTP, Script
+from tests.support.home import DOMAIN, ME, edit_file, make_home
+from tests.support.memory import Home, SchedulerRig, wait_for
 
-ME = "mx.example.test"
-DOMAIN = "example.test"
-REMOTE = "remote.test"
-DEADLINE = 10.0
-MESSAGE = b"From: alice@example.test\nTo: someone\nSubject: send test\n\nhello\n.leading dot\n"
-NO_MAILBOX = "Sorry, no mailbox here by that name. (#5.1.1)"
+MESSAGE = b"From: alice@example.test\nSubject: send test\n\nhello\n.leading dot\n"
+ALICE = f"alice@{DOMAIN}"
+LATER = Outcome.deferral("Connected to 192.0.2.1 but greeting failed.\nRemote host said: 451 try later")
+GONE = Outcome.failure("192.0.2.1 does not like recipient.\nRemote host said: 550 no such user")
+DONE = Outcome.success("192.0.2.1 accepted message.\nRemote host said: 250 ok")
 
-T = TypeVar("T")
-
-
-# -- an SMTP sink -------------------------------------------------------------------------------
-
-@dataclass
-class Transaction:
-    """One MAIL transaction as the sink saw it; ``data`` is None until the final dot."""
-
-    sender: str
-    recipients: list[str] = field(default_factory=list)
-    accepted: list[str] = field(default_factory=list)
-    data: bytes | None = None
-
-
-class Sink:
-    """What the SMTP sink answers and what it has seen.
-
-    ``replies`` maps a recipient to its RCPT reply (250 when absent).
-    ``hold_until_open`` keeps the reply to the final dot back until that many
-    sessions are open at once, which only parallel deliveries can bring about."""
-
-    def __init__(self) -> None:
-        self.replies: dict[str, bytes] = {}
-        self.transactions: list[Transaction] = []
-        self.sessions: list[SinkSession] = []
-        self.max_open = 0
-        self.hold_until_open = 0
-        self.held: list[SinkSession] = []
-
-    def opened(self, session: SinkSession) -> None:
-        self.sessions.append(session)
-        self.max_open = max(self.max_open, len(self.sessions))
-        self.release_if_due()
-
-    def closed(self, session: SinkSession) -> None:
-        self.sessions.remove(session)
-
-    def release_if_due(self) -> None:
-        if len(self.sessions) >= self.hold_until_open:
-            self.release()
-
-    def release(self) -> None:
-        """Answer every held final dot and hold no more."""
-        self.hold_until_open = 0
-        held, self.held = self.held, []
-        for session in held:
-            session.sendLine(b"250 ok accepted")
-
-    def delivered(self) -> list[Transaction]:
-        return [t for t in self.transactions if t.data is not None]
-
-    def abort_all(self) -> None:
-        for session in list(self.sessions):
-            session.transport.abortConnection()
-
-
-class SinkSession(LineReceiver):
-    delimiter = b"\r\n"
-
-    def __init__(self, sink: Sink) -> None:
-        self.sink = sink
-        self.transaction: Transaction | None = None
-        self.lines: list[bytes] | None = None
-
-    def connectionMade(self) -> None:
-        self.sink.opened(self)
-        self.sendLine(b"220 sink.remote.test ESMTP")
-
-    def connectionLost(self, reason: Failure = connectionDone) -> None:
-        self.sink.closed(self)
-
-    def lineReceived(self, line: bytes) -> None:
-        if self.lines is not None:
-            self._data_line(line)
-            return
-        verb = line[:4].upper()
-        if verb == b"EHLO":
-            self.sendLine(b"250-sink.remote.test\r\n250-PIPELINING\r\n250 8BITMIME")
-        elif verb == b"HELO":
-            self.sendLine(b"250 sink.remote.test")
-        elif verb == b"MAIL":
-            self.transaction = Transaction(_angle_address(line))
-            self.sink.transactions.append(self.transaction)
-            self.sendLine(b"250 ok")
-        elif verb == b"RCPT" and self.transaction is not None:
-            address = _angle_address(line)
-            reply = self.sink.replies.get(address, b"250 ok")
-            self.transaction.recipients.append(address)
-            if reply.startswith(b"2"):
-                self.transaction.accepted.append(address)
-            self.sendLine(reply)
-        elif verb == b"DATA" and self.transaction is not None and self.transaction.accepted:
-            self.lines = []
-            self.sendLine(b"354 go ahead")
-        elif verb == b"RSET":
-            self.transaction = None
-            self.sendLine(b"250 flushed")
-        elif verb == b"QUIT":
-            self.sendLine(b"221 sink.remote.test")
-            self.transport.loseConnection()
-        else:
-            self.sendLine(b"503 bad sequence")
-
-    def _data_line(self, line: bytes) -> None:
-        assert self.lines is not None and self.transaction is not None
-        if line != b".":
-            self.lines.append(line[1:] if line.startswith(b".") else line)
-            return
-        self.transaction.data = b"".join(piece + b"\n" for piece in self.lines)
-        self.lines = None
-        self.transaction = None
-        if len(self.sink.sessions) < self.sink.hold_until_open:
-            self.sink.held.append(self)
-        else:
-            self.sendLine(b"250 ok accepted")
-
-
-def _angle_address(line: bytes) -> str:
-    return line.split(b"<", 1)[1].split(b">", 1)[0].decode()
-
-
-# -- the tests' common ground ---------------------------------------------------------------------
 
 class SchedulerTestCase(TestCase):
-    """A home with two users, an alias for postmaster, and a route to the sink."""
+    """A home (example.test local with alice and bob, postmaster@me an
+    alias), its scheduler on a Clock, and the qmail-send log lines."""
+
+    controls: dict[str, str] = {}
 
     def setUp(self) -> None:
+        path = Path(tempfile.mkdtemp(prefix="qtwist-send-"))
+        self.addCleanup(shutil.rmtree, path, True)
+        make_home(path, controls=self.controls)
+        self.home = Home(path)
+        self.rig = SchedulerRig(self.home).start()
+        self.addCleanup(self.rig.stop)
         self.log_lines: list[str] = []
-        self.schedulers: list[Scheduler] = []
         globalLogPublisher.addObserver(self._observe)
         self.addCleanup(globalLogPublisher.removeObserver, self._observe)
-        self.sink = Sink()
-        listener = reactor.listenTCP(0, Factory.forProtocol(lambda: SinkSession(self.sink)),
-                                     interface="127.0.0.1")
-        self.sink_port: int = listener.getHost().port
-        self.addCleanup(listener.stopListening)
-        self.addCleanup(self._sink_quiet)
 
     def _observe(self, event: dict) -> None:
         if event.get("log_namespace") == "qtwist.send":
             self.log_lines.extend(formatEvent(event).split("\n"))
 
-    async def _sink_quiet(self) -> None:
-        self.sink.abort_all()
-        await self.wait_for(lambda: not self.sink.sessions, "the sink's sessions to close")
+    @property
+    def clock(self):
+        return self.rig.clock
 
-    def make_home(self, postmaster: bool = True, **controls: str) -> Path:
-        home = Path(tempfile.mkdtemp(prefix="qtwist-send-"))
-        self.addCleanup(shutil.rmtree, home, True)
-        control = home / "control"
-        control.mkdir()
-        files = {"me": ME, "smtproutes": f"{REMOTE}:127.0.0.1:{self.sink_port}", **controls}
-        for name, value in files.items():
-            (control / name).write_text(f"{value}\n")
-        domain = home / "domains" / DOMAIN
-        domain.mkdir(parents=True)
-        (domain / "vpasswd").write_text("alice:x:1:0:Alice:alice:NOQUOTA:\nbob:x:1:0:Bob:bob:NOQUOTA:\n")
-        if postmaster:
-            # qmail's ~alias: postmaster@me (a domain in locals, not a virtual domain).
-            for sub in ("cur", "new", "tmp"):
-                (home / "alias" / "Maildir" / sub).mkdir(parents=True)
-            (home / "alias" / ".qmail-postmaster").write_text("./Maildir/\n")
-        return home
-
-    def start(self, home: Path) -> Scheduler:
-        settings, errors = load(home)
-        self.assertEqual(errors, [])
-        remote = RemoteDelivery(reactor, lookups=Lookups(reactor, None), remote_port=self.sink_port)
-        scheduler = Scheduler(Queue(home, reactor), lambda: settings, LocalSpawn(reactor, home), remote, reactor)
-        scheduler.startService()
-        self.schedulers.append(scheduler)
-        self.addCleanup(self.stop, scheduler)
-        return scheduler
-
-    def flushed_log(self) -> list[str]:
-        """The log lines so far, with what the schedulers still hold back (they
-        write every few milliseconds) written out first."""
-        for scheduler in self.schedulers:
-            scheduler.log.flush()
+    def log(self) -> list[str]:
+        """The qmail-send lines so far (the scheduler writes them every 50 ms)."""
+        self.rig.scheduler.log.flush()
         return self.log_lines
 
-    async def stop(self, scheduler: Scheduler) -> None:
-        if scheduler.running:
-            await scheduler.stopService()
-
-    async def wait_for(self, predicate: Callable[[], T], what: str, timeout: float = DEADLINE) -> T:
-        """Poll every 20 ms until ``predicate`` gives something true; return it."""
-        deadline = reactor.seconds() + timeout
-        while True:
-            result = predicate()
-            if result:
-                return result
-            if reactor.seconds() > deadline:
-                raise AssertionError(f"gave up after {timeout:g} s waiting for {what}; "
-                                     f"qmail-send log so far:\n" + "\n".join(self.log_lines))
-            await task.deferLater(reactor, 0.02, lambda: None)
-
-    async def send(self, scheduler: Scheduler, sender: str, recipients: list[str],
-                   body: bytes = MESSAGE) -> QueuedMessage:
-        """What qmail-smtpd + qmail-queue do: queue durably, then hand it to qmail-send."""
-        message = await self.accept(scheduler, sender, recipients, body)
-        scheduler.submit(message)
-        return message
-
-    async def accept(self, scheduler: Scheduler, sender: str, recipients: list[str],
-                     body: bytes = MESSAGE) -> QueuedMessage:
-        return await scheduler.queue.accept(sender, recipients, body)
-
-    def log_match(self, pattern: str) -> re.Match | None:
-        """The first qmail-send log line matching ``pattern`` in full."""
+    def logged(self, pattern: str) -> re.Match | None:
         compiled = re.compile(pattern)
-        return next((m for m in map(compiled.fullmatch, self.flushed_log()) if m), None)
+        return next((m for m in map(compiled.fullmatch, self.log()) if m), None)
 
-    def log_index(self, pattern: str) -> int:
-        compiled = re.compile(pattern)
-        for index, line in enumerate(self.flushed_log()):
-            if compiled.fullmatch(line):
-                return index
-        raise AssertionError(f"no qmail-send log line matches {pattern!r}:\n" + "\n".join(self.log_lines))
+    def control(self, name: str, text: str) -> None:
+        edit_file(self.home.path / "control" / name, text)
+        self.home.reload()
 
-    async def until_ended(self, home: Path, *messages: QueuedMessage) -> None:
-        """qmail-send said ``end msg N`` for these and for every other message it
-        logged as new (bounces, forwards), and nothing is left in the queue on disk."""
-        for message in messages:
-            await self.wait_for(lambda: self.log_match(f"end msg {message.id}"), f"end msg {message.id}")
-        await self.wait_for(lambda: not self.unfinished(), "every new msg to end")
-        await self.wait_for(lambda: queue_stat(home) == (0, 0), "an empty queue")
+    async def send(self, sender: str, recipients: list[str], body: bytes = MESSAGE) -> QueuedMessage:
+        return await self.rig.send(sender, recipients, body)
 
-    def unfinished(self) -> set[str]:
-        """Messages logged as new but neither ended nor removed."""
-        pattern = re.compile(r"(new|end|removed) msg (\d+)( by request)?")
-        seen: dict[str, set[str]] = {"new": set(), "end": set(), "removed": set()}
-        for match in map(pattern.fullmatch, self.flushed_log()):
-            if match:
-                seen[match.group(1)].add(match.group(2))
-        return seen["new"] - seen["end"] - seen["removed"]
+    async def answer(self, channel, *outcomes: Outcome) -> list[str]:
+        """Answer the one waiting delivery of ``channel``; returns its recipients."""
+        attempt = await channel.take()
+        attempt.answer(*outcomes)
+        await self.rig.settled()
+        return attempt.recipients
 
-    async def until_deferred(self, message: QueuedMessage) -> None:
-        """qmail-send logged a deferral for one of the message's deliveries."""
-        starts = re.compile(rf"starting delivery (\d+): msg {message.id} to .*")
+    def on_disk(self, message: QueuedMessage) -> QueuedMessage:
+        """The message as the queue on disk holds it."""
+        (stored,) = [m for m in queue_read(self.home.path) if m.id == message.id]
+        return stored
 
-        def deferred() -> bool:
-            numbers = {m.group(1) for m in map(starts.fullmatch, self.flushed_log()) if m}
-            return any(self.log_match(rf"delivery {number}: deferral: .*") for number in numbers)
-        await self.wait_for(deferred, f"a deferral of msg {message.id}")
-
-    async def stored_deferral(self, home: Path, message: QueuedMessage, index: int) -> QueuedMessage:
-        """The message as the queue on disk holds it, once recipient ``index`` has a retry time."""
-        def on_disk() -> QueuedMessage | None:
-            stored = [m for m in queue_read(home) if m.id == message.id]
-            return stored[0] if stored and stored[0].recipients[index].next_try else None
-        return await self.wait_for(on_disk, f"the deferral of msg {message.id} on disk")
+    def bounces(self) -> list[QueuedMessage]:
+        """Messages the scheduler queued itself from a bounce sender."""
+        return [m for m in self.rig.queue.messages.values() if m.sender in ("", DOUBLE_BOUNCE_SENDER)]
 
 
-def mailbox(home: Path, user: str) -> list[bytes]:
-    """The messages in a vpasswd user's Maildir new/, oldest name first."""
-    return _maildir(home / "domains" / DOMAIN / user / "Maildir")
+# -- routing ------------------------------------------------------------------------------------
+
+class RoutingTests(SchedulerTestCase):
+    async def test_local_and_remote_recipients_go_to_their_channels(self) -> None:
+        await self.send("carol@remote.test", [ALICE, "x@remote.test", f"bob@{DOMAIN}"])
+        self.assertEqual(sorted(a.recipients[0] for a in self.rig.local.waiting), [ALICE, f"bob@{DOMAIN}"])
+        self.assertEqual([a.recipients for a in self.rig.remote.waiting], [["x@remote.test"]])
+
+    async def test_recipients_of_one_remote_domain_share_one_delivery(self) -> None:
+        await self.send(ALICE, ["a@remote.test", "b@other.test", "c@remote.test"])
+        groups = sorted(a.recipients for a in self.rig.remote.waiting)
+        self.assertEqual(groups, [["a@remote.test", "c@remote.test"], ["b@other.test"]])
+
+    async def test_routing_is_decided_after_queueing_by_the_control_files_then_in_force(self) -> None:
+        message = await self.rig.queue.accept("carol@remote.test", ["x@new.test"], MESSAGE)
+        (self.home.path / "domains" / "new.test").mkdir()  # a domain added after the message was queued
+        self.home.reload()
+        self.rig.scheduler.submit(message)
+        self.assertEqual(self.rig.remote.waiting, [])
+        self.assertEqual((await self.rig.local.take()).recipients, ["x@new.test"])
+
+    async def test_delivered_message_leaves_the_queue_and_the_log_shows_qmail_sends_lines(self) -> None:
+        message = await self.send("carol@remote.test", [ALICE])
+        await self.answer(self.rig.local, Outcome.success("did 1+0+0\n"))
+        await wait_for(lambda: message.id not in self.rig.queue.messages, "the message to end")
+        n = message.id
+        lines = [rf"new msg {n}", rf"info msg {n}: bytes {len(MESSAGE)} from <carol@remote.test> qp {n} uid 0",
+                 rf"starting delivery 1: msg {n} to local {ALICE}", r"status: local 1/10 remote 0/20",
+                 r"delivery 1: success: did_1\+0\+0/", r"status: local 0/10 remote 0/20", rf"end msg {n}"]
+        positions = [next(i for i, line in enumerate(self.log()) if re.fullmatch(p, line)) for p in lines]
+        self.assertEqual(positions, sorted(positions))
+        self.assertEqual(queue_stat(self.home.path), (0, 0))
 
 
-def postmaster_box(home: Path) -> list[bytes]:
-    return _maildir(home / "alias" / "Maildir")
+# -- retries and queuelifetime ------------------------------------------------------------------
 
-
-def _maildir(maildir: Path) -> list[bytes]:
-    try:
-        names = sorted(p.name for p in (maildir / "new").iterdir())
-    except FileNotFoundError:
-        return []
-    return [(maildir / "new" / name).read_bytes() for name in names]
-
-
-def as_stored(sender: str, recipient: str, body: bytes = MESSAGE) -> bytes:
-    """The message as qmail-local leaves it in a Maildir."""
-    return f"Return-Path: <{sender}>\nDelivered-To: {recipient}\n".encode() + body
-
-
-# -- local delivery ---------------------------------------------------------------------------------
-
-class LocalDeliveryTests(SchedulerTestCase):
-    async def test_local_message_lands_in_maildir_and_leaves_the_queue(self) -> None:
-        home = self.make_home()
-        scheduler = self.start(home)
-        message = await self.send(scheduler, "carol@remote.test", ["alice@example.test"])
-        await self.until_ended(home, message)
-        self.assertEqual(mailbox(home, "alice"), [as_stored("carol@remote.test", "alice@example.test")])
-        self.assertEqual(self.sink.transactions, [])
-
-    async def test_unknown_local_user_bounces_to_local_sender(self) -> None:
-        home = self.make_home()
-        scheduler = self.start(home)
-        message = await self.send(scheduler, "alice@example.test", ["nobody@example.test"])
-        await self.until_ended(home, message)
-        (notice,) = await self.wait_for(lambda: mailbox(home, "alice"), "the bounce in alice's Maildir")
-        head, _, original = notice.partition(b"\n--- Below this line is a copy of the message.\n\n")
-        self.assertTrue(head.startswith(b"Return-Path: <>\nDelivered-To: alice@example.test\n"), head)
-        self.assertIn(f"\nFrom: MAILER-DAEMON@{ME}\n".encode(), head)
-        self.assertIn(b"\nTo: alice@example.test\nSubject: failure notice\n", head)
-        self.assertIn(f"\nHi. This is the qmail-send program at {ME}.\n".encode(), head)
-        self.assertIn(f"\n<nobody@example.test>:\n{NO_MAILBOX}\n".encode(), head)
-        self.assertEqual(original, b"Return-Path: <alice@example.test>\n" + MESSAGE)
-
-    async def test_unknown_local_user_bounces_to_remote_sender_from_null_sender(self) -> None:
-        home = self.make_home()
-        scheduler = self.start(home)
-        message = await self.send(scheduler, "carol@remote.test", ["nobody@example.test"])
-        (notice,) = await self.wait_for(self.sink.delivered, "the bounce at the sink")
-        self.assertEqual((notice.sender, notice.recipients), ("", ["carol@remote.test"]))
-        assert notice.data is not None
-        self.assertIn(f"Hi. This is the qmail-send program at {ME}.\n".encode(), notice.data)
-        self.assertIn(f"<nobody@example.test>:\n{NO_MAILBOX}\n".encode(), notice.data)
-        self.assertTrue(notice.data.endswith(b"\n--- Below this line is a copy of the message.\n\n"
-                                             b"Return-Path: <carol@remote.test>\n" + MESSAGE))
-        await self.until_ended(home, message)
-        self.assertIsNotNone(self.log_match(rf"bounce msg {message.id} qp \d+"))
-
-    async def test_failed_bounce_becomes_double_bounce_to_postmaster(self) -> None:
-        home = self.make_home()
-        scheduler = self.start(home)
-        message = await self.send(scheduler, "", ["nobody@example.test"])
-        (notice,) = await self.wait_for(lambda: postmaster_box(home), "the double bounce for postmaster")
-        head, _, original = notice.partition(b"\n--- Below this line is the original bounce.\n\n")
-        self.assertTrue(head.startswith(f"Return-Path: <#@[]>\nDelivered-To: postmaster@{ME}\n".encode()), head)
-        self.assertIn(b"I tried to deliver a bounce message to this address, but the bounce bounced!\n", head)
-        self.assertIn(f"<nobody@example.test>:\n{NO_MAILBOX}\n".encode(), head)
-        self.assertEqual(original, b"Return-Path: <>\n" + MESSAGE)
-        await self.until_ended(home, message)
-
-    async def test_failed_double_bounce_is_discarded_and_logged(self) -> None:
-        home = self.make_home(postmaster=False)
-        scheduler = self.start(home)
-        message = await self.send(scheduler, "", ["nobody@example.test"])
-        double = await self.wait_for(lambda: self.log_match(rf"bounce msg {message.id} qp (\d+)"),
-                                     "the double bounce")
-        await self.wait_for(lambda: self.log_match(f"triple bounce: discarding msg {double.group(1)}"),
-                            "the triple bounce to be discarded")
-        await self.until_ended(home, message)
-        self.assertIsNone(self.log_match(rf"bounce msg {double.group(1)} qp \d+"))
-        self.assertEqual(self.sink.transactions, [])
-
-    async def test_dot_qmail_forward_queues_a_new_message_that_arrives(self) -> None:
-        home = self.make_home()
-        (home / "domains" / DOMAIN / ".qmail-fwd").write_text("&bob@example.test\n")
-        scheduler = self.start(home)
-        message = await self.send(scheduler, "carol@remote.test", ["fwd@example.test"])
-        (forwarded,) = await self.wait_for(lambda: mailbox(home, "bob"), "the forward in bob's Maildir")
-        self.assertEqual(forwarded, as_stored("carol@remote.test", "bob@example.test",
-                                              b"Delivered-To: fwd@example.test\n" + MESSAGE))
-        start = self.log_match(rf"starting delivery (\d+): msg {message.id} to local fwd@example.test")
-        assert start is not None
-        self.assertIsNotNone(self.log_match(rf"delivery {start.group(1)}: success: did.0\+1\+0/"))
-        self.assertIsNone(self.log_match(rf"bounce msg {message.id} qp \d+"))
-        new_messages = [m.group(1) for m in map(re.compile(r"new msg (\d+)").fullmatch, self.flushed_log()) if m]
-        self.assertEqual(len(new_messages), 2)
-        await self.until_ended(home, message)
-        self.assertEqual(mailbox(home, "fwd"), [])
-
-    async def test_local_deferral_waits_for_the_local_schedule_then_flush(self) -> None:
-        home = self.make_home()
-        dot_qmail = home / "domains" / DOMAIN / ".qmail-slow"
-        dot_qmail.write_text("&bob@example.test\n")
-        dot_qmail.chmod(0o666)  # qmail-local defers rather than trust a world-writable .qmail
-        scheduler = self.start(home)
-        message = await self.send(scheduler, "carol@remote.test", ["slow@example.test"])
-        await self.until_deferred(message)
-        self.assertIsNotNone(self.log_match(r"delivery 1: deferral: Uh-oh:_.qmail_file_is_writable._\(#4.7.0\)/"))
-        stored = await self.stored_deferral(home, message, 0)
-        self.assertEqual(stored.recipients[0].next_try, next_retry(stored.born, stored.born, "local"))
-        self.assertEqual(stored.recipients[0].next_try, stored.born + 100)
-
-        dot_qmail.chmod(0o644)
-        queue_flush(home)
-        await self.wait_for(lambda: mailbox(home, "bob"), "the retried forward in bob's Maildir")
-        await self.until_ended(home, message)
-
-
-# -- remote delivery ----------------------------------------------------------------------------------
-
-class RemoteDeliveryTests(SchedulerTestCase):
+class RetryTests(SchedulerTestCase):
     def test_retry_schedule_is_qmails(self) -> None:
         born = 1_700_000_000.0
         for age in (0, 1, 99, 100, 399, 400, 3599, 86_400, 604_800):
             self.assertEqual(next_retry(born, born + age, "remote"), born + (isqrt(age) + 20) ** 2)
             self.assertEqual(next_retry(born, born + age, "local"), born + (isqrt(age) + 10) ** 2)
 
-    async def test_recipients_of_one_domain_share_one_transaction(self) -> None:
-        home = self.make_home()
-        scheduler = self.start(home)
-        recipients = ["a@remote.test", "b@remote.test", "c@remote.test"]
-        message = await self.send(scheduler, "alice@example.test", recipients)
-        await self.until_ended(home, message)
-        (transaction,) = self.sink.transactions
-        self.assertEqual((transaction.sender, transaction.recipients, transaction.data),
-                         ("alice@example.test", recipients, MESSAGE))
-        for address in recipients:
-            self.assertIsNotNone(self.log_match(rf"starting delivery \d+: msg {message.id} to remote {address}"))
+    async def test_remote_deferral_waits_400_seconds_then_the_schedule_stretches(self) -> None:
+        message = await self.send(ALICE, ["x@remote.test"])
+        await self.answer(self.rig.remote, LATER)
+        self.assertEqual(message.recipients[0].next_try, message.born + 400)
+        self.clock.advance(399)
+        self.assertEqual(self.rig.remote.waiting, [])
+        self.clock.advance(1)
+        await self.answer(self.rig.remote, LATER)
+        self.assertEqual(message.recipients[0].next_try, message.born + (isqrt(400) + 20) ** 2)
+        self.clock.advance(1600 - 400)
+        await self.answer(self.rig.remote, DONE)
+        await wait_for(lambda: message.id not in self.rig.queue.messages, "the message to end")
 
-    async def test_mixed_replies_deliver_bounce_and_defer_until_flush(self) -> None:
-        home = self.make_home()
-        self.sink.replies = {"bad@remote.test": b"550 no such user here", "later@remote.test": b"451 try later"}
-        scheduler = self.start(home)
-        recipients = ["ok@remote.test", "bad@remote.test", "later@remote.test"]
-        message = await self.send(scheduler, "alice@example.test", recipients)
-        await self.until_deferred(message)
-        (first,) = self.sink.transactions
-        self.assertEqual((first.recipients, first.accepted, first.data), (recipients, ["ok@remote.test"], MESSAGE))
-        (notice,) = await self.wait_for(lambda: mailbox(home, "alice"), "the bounce for bad@, at once")
-        self.assertIn(b"<bad@remote.test>:\n", notice)
-        stored = await self.wait_for(lambda: [m for m in queue_read(home) if m.id == message.id
-                                              and m.recipients[1].state == BOUNCED], "the bounce noted")
-        stored = stored[0]
-        self.assertEqual([r.state for r in stored.recipients], [DELIVERED, BOUNCED, PENDING])
-        self.assertEqual(stored.recipients[2].next_try, next_retry(stored.born, stored.born, "remote"))
-        self.assertEqual(stored.recipients[2].next_try, stored.born + 400)
+    async def test_local_deferral_waits_100_seconds(self) -> None:
+        message = await self.send("carol@remote.test", [ALICE])
+        await self.answer(self.rig.local, Outcome.deferral("Over quota. (#4.2.2)"))
+        self.assertEqual(message.recipients[0].next_try, message.born + 100)
+        self.clock.advance(99)
+        self.assertEqual(self.rig.local.waiting, [])
+        self.clock.advance(1)
+        self.assertEqual((await self.rig.local.take()).recipients, [ALICE])
 
-        del self.sink.replies["later@remote.test"]
-        queue_flush(home)
-        await self.wait_for(lambda: len(self.sink.delivered()) == 2, "the retry after queue flush")
-        self.assertEqual(self.sink.transactions[1].recipients, ["later@remote.test"])
-        await self.until_ended(home, message)
-        (notice,) = await self.wait_for(lambda: mailbox(home, "alice"), "the bounce for bad@")
-        self.assertIn(b"<bad@remote.test>:\n127.0.0.1 does not like recipient.\n"
-                      b"Remote host said: 550 no such user here\n", notice)
-        self.assertNotIn(b"<ok@remote.test>", notice)
-        self.assertNotIn(b"<later@remote.test>", notice)
+    async def test_the_retry_time_is_on_disk_and_survives_a_restart(self) -> None:
+        message = await self.send(ALICE, ["x@remote.test"])
+        await self.answer(self.rig.remote, LATER)
+        await self.rig.stop()
+        self.assertEqual(self.on_disk(message).recipients[0].next_try, message.born + 400)
 
-    async def test_permanent_failure_bounces_while_a_sibling_is_deferred(self) -> None:
-        home = self.make_home()
-        self.sink.replies = {"bad@remote.test": b"550 no such user here", "later@remote.test": b"451 try later"}
-        scheduler = self.start(home)
-        message = await self.send(scheduler, "alice@example.test", ["bad@remote.test", "later@remote.test"])
-        await self.until_deferred(message)
-        (notice,) = await self.wait_for(lambda: mailbox(home, "alice"), "the bounce for bad@", timeout=3)
-        self.assertIn(b"<bad@remote.test>:\n", notice)
+        self.rig = SchedulerRig(self.home).start()
+        self.addCleanup(self.rig.stop)
+        self.assertEqual(self.rig.remote.waiting, [])  # not before its time
+        self.clock.advance(400)
+        self.assertEqual((await self.rig.remote.take()).recipients, ["x@remote.test"])
 
-    async def test_queuelifetime_gives_up_on_the_next_attempt(self) -> None:
-        home = self.make_home(queuelifetime="1")
-        self.sink.replies = {"later@remote.test": b"451 mailbox busy"}
-        scheduler = self.start(home)
-        message = await self.send(scheduler, "alice@example.test", ["later@remote.test"])
-        await self.until_ended(home, message)
-        self.assertEqual([t.recipients for t in self.sink.transactions], [["later@remote.test"]] * 2)
-        self.assertIsNotNone(self.log_match(r"delivery 1: deferral: .*451_mailbox_busy.*"))
-        self.assertLess(self.log_index(r"starting delivery 2: .*"), self.log_index(rf"bounce msg {message.id} qp \d+"))
-        (notice,) = await self.wait_for(lambda: mailbox(home, "alice"), "the bounce")
-        self.assertIn(b"<later@remote.test>:\n127.0.0.1 does not like recipient.\n"
-                      b"Remote host said: 451 mailbox busy\n", notice)
-        self.assertIn(b"I'm not going to try again; this message has been in the queue too long.", notice)
+    async def test_queue_flush_retries_every_deferred_delivery_now(self) -> None:
+        await self.send(ALICE, ["x@remote.test"])
+        await self.send("carol@remote.test", [ALICE])
+        await self.answer(self.rig.remote, LATER)
+        await self.answer(self.rig.local, Outcome.deferral("busy"))
+        queue_flush(self.home.path)
+        self.clock.advance(1)  # the scheduler looks at queue/flush once a second
+        self.assertEqual(len(self.rig.remote.waiting), 1)
+        self.assertEqual(len(self.rig.local.waiting), 1)
+        self.assertIsNotNone(self.logged("flush: retrying every deferred delivery now"))
 
-    async def test_attempt_after_queuelifetime_is_logged_as_failure(self) -> None:
-        home = self.make_home(queuelifetime="1")
-        self.sink.replies = {"later@remote.test": b"451 mailbox busy"}
-        scheduler = self.start(home)
-        message = await self.send(scheduler, "alice@example.test", ["later@remote.test"])
-        await self.until_ended(home, message)
-        self.assertIsNotNone(self.log_match(
-            r"delivery 2: failure: .*451.mailbox.busy.*/I'm.not.going.to.try.again;.this.message.has.been."
-            r"in.the.queue.too.long\./?"))
+    async def test_queuelifetime_caps_the_wait_and_the_last_try_bounces(self) -> None:
+        self.control("queuelifetime", "1000\n")
+        message = await self.send(ALICE, ["x@remote.test"])
+        await self.answer(self.rig.remote, LATER)
+        self.clock.advance(400)
+        await self.answer(self.rig.remote, LATER)
+        # qmail's next try would be at 1600 s; the lifetime ends at 1000 s: that try is the last.
+        self.assertEqual(message.recipients[0].next_try, message.born + 1000)
+        self.clock.advance(600)
+        await self.answer(self.rig.remote, LATER)
+        self.assertIsNotNone(self.logged(r"delivery 3: failure: .*I'm_not_going_to_try_again;.*"))
+        (bounce,) = self.bounces()
+        self.assertIn(f"\n{GIVING_UP}\n".encode(), bounce.read_body())
+        await wait_for(lambda: message.id not in self.rig.queue.messages, "the message to end")
 
 
-# -- concurrency --------------------------------------------------------------------------------------
+# -- bounces ------------------------------------------------------------------------------------
 
-class ConcurrencyTests(SchedulerTestCase):
-    async def submit_all(self, scheduler: Scheduler, recipient: str, count: int) -> list[QueuedMessage]:
-        """Queue ``count`` messages first, then hand them over in one go, as a busy
-        SMTP server would, so the scheduler could start them all at once."""
-        messages = [await self.accept(scheduler, "carol@remote.test", [recipient]) for _ in range(count)]
-        for message in messages:
-            scheduler.submit(message)
-        return messages
+class BounceTests(SchedulerTestCase):
+    async def test_permanent_failure_bounces_at_once_while_a_sibling_waits_for_its_retry(self) -> None:
+        message = await self.send(ALICE, ["bad@remote.test", "later@remote.test", "ok@remote.test"])
+        await self.answer(self.rig.remote, GONE, LATER, DONE)
+        (bounce,) = self.bounces()
+        self.assertEqual((bounce.sender, [r.address for r in bounce.recipients]), ("", [ALICE]))
+        text = bounce.read_body()
+        self.assertIn(f"From: MAILER-DAEMON@{ME}\n".encode(), text)
+        self.assertIn(f"Hi. This is the qmail-send program at {ME}.\n".encode(), text)
+        self.assertIn(b"<bad@remote.test>:\n192.0.2.1 does not like recipient.\nRemote host said: 550 no such user\n",
+                      text)
+        self.assertNotIn(b"<later@remote.test>", text)
+        self.assertNotIn(b"<ok@remote.test>", text)
+        self.assertTrue(text.endswith(b"--- Below this line is a copy of the message.\n\n"
+                                      b"Return-Path: <alice@example.test>\n" + MESSAGE))
+        self.assertEqual([r.state for r in message.recipients], [BOUNCED, PENDING, DELIVERED])
+        stored = await self._stored_states(message, [BOUNCED, PENDING, DELIVERED])
+        self.assertEqual(stored.recipients[1].next_try, message.born + 400)
+        self.assertIsNotNone(self.logged(rf"bounce msg {message.id} qp {bounce.id}"))
 
-    def busiest(self, channel: str) -> int:
-        pattern = re.compile(r"status: local (\d+)/\d+ remote (\d+)/\d+")
-        counts = [int(m.group(1 if channel == "local" else 2))
-                  for m in map(pattern.fullmatch, self.flushed_log()) if m]
-        return max(counts, default=0)
+    async def _stored_states(self, message: QueuedMessage, states: list[str]) -> QueuedMessage:
+        await wait_for(lambda: [r.state for r in self.on_disk(message).recipients] == states,
+                       f"states {states} on disk")
+        return self.on_disk(message)
 
-    async def test_concurrencyremote_one_means_one_connection_at_a_time(self) -> None:
-        home = self.make_home(concurrencyremote="1")
-        scheduler = self.start(home)
-        messages = await self.submit_all(scheduler, "x@remote.test", 3)
-        await self.until_ended(home, *messages)
-        self.assertEqual(len(self.sink.delivered()), 3)
-        self.assertEqual(self.sink.max_open, 1)
-        self.assertEqual(self.busiest("remote"), 1)
-        self.assertIsNotNone(self.log_match(r"status: local 0/10 remote 1/1"))
+    async def test_the_bounce_is_delivered_like_any_message(self) -> None:
+        await self.send("carol@remote.test", [f"nobody@{DOMAIN}"])
+        await self.answer(self.rig.local, Outcome.failure("Sorry, no mailbox here by that name. (#5.1.1)"))
+        self.assertEqual((await self.rig.remote.take()).recipients, ["carol@remote.test"])
+        self.assertEqual((await self.rig.remote.take()).sender, "")
 
-    async def test_remote_deliveries_run_in_parallel_below_concurrencyremote(self) -> None:
-        home = self.make_home()
-        self.sink.hold_until_open = 3
-        scheduler = self.start(home)
-        messages = await self.submit_all(scheduler, "x@remote.test", 3)
-        await self.until_ended(home, *messages)
-        self.assertEqual(self.sink.max_open, 3)
+    async def test_a_failed_bounce_becomes_a_double_bounce_to_postmaster(self) -> None:
+        await self.send("", [f"nobody@{DOMAIN}"])
+        await self.answer(self.rig.local, Outcome.failure("Sorry, no mailbox here by that name. (#5.1.1)"))
+        (double,) = self.bounces()
+        self.assertEqual((double.sender, [r.address for r in double.recipients]),
+                         (DOUBLE_BOUNCE_SENDER, [f"postmaster@{ME}"]))
+        self.assertIn(b"I tried to deliver a bounce message to this address, but the bounce bounced!\n",
+                      double.read_body())
 
-    async def test_concurrencylocal_one_means_one_local_delivery_at_a_time(self) -> None:
-        home = self.make_home(concurrencylocal="1")
-        scheduler = self.start(home)
-        messages = await self.submit_all(scheduler, "alice@example.test", 4)
-        await self.until_ended(home, *messages)
-        self.assertEqual(len(mailbox(home, "alice")), 4)
-        self.assertEqual(self.busiest("local"), 1)
+    async def test_a_failed_double_bounce_is_discarded_and_logged(self) -> None:
+        await self.send(DOUBLE_BOUNCE_SENDER, [f"postmaster@{ME}"])
+        await self.answer(self.rig.local, Outcome.failure("Sorry, no mailbox here by that name. (#5.1.1)"))
+        self.assertEqual(self.bounces(), [])
+        self.assertIsNotNone(self.logged(r"triple bounce: discarding msg \d+"))
+        await wait_for(lambda: not self.rig.queue.messages, "the queue to empty")
 
-    async def test_local_deliveries_run_in_parallel_below_concurrencylocal(self) -> None:
-        home = self.make_home()
-        scheduler = self.start(home)
-        messages = await self.submit_all(scheduler, "alice@example.test", 4)
-        await self.until_ended(home, *messages)
-        self.assertEqual(len(mailbox(home, "alice")), 4)
-        self.assertEqual(self.busiest("local"), 4)
-
-
-# -- restart and removal ----------------------------------------------------------------------------
-
-class RestartTests(SchedulerTestCase):
-    async def test_deferred_delivery_resumes_after_restart_and_flush(self) -> None:
-        home = self.make_home()
-        self.sink.replies = {"later@remote.test": b"451 try later"}
-        first = self.start(home)
-        message = await self.send(first, "alice@example.test", ["later@remote.test"])
-        await self.until_deferred(message)
-        await first.stopService()
-        self.assertEqual(queue_stat(home), (1, 0))
-
-        self.sink.replies.clear()
-        self.start(home)
-        queue_flush(home)
-        await self.wait_for(self.sink.delivered, "the resumed delivery")
-        await self.until_ended(home, message)
-        self.assertEqual([t.recipients for t in self.sink.transactions], [["later@remote.test"]] * 2)
-        self.assertEqual(mailbox(home, "alice"), [])
-
-    async def test_stop_waits_for_a_delivery_in_progress(self) -> None:
-        home = self.make_home()
-        self.sink.hold_until_open = 2  # a lone delivery: the reply to its final dot waits
-        scheduler = self.start(home)
-        await self.send(scheduler, "alice@example.test", ["x@remote.test"])
-        await self.wait_for(lambda: self.sink.held, "the delivery to reach its final dot")
-        stopped = scheduler.stopService()
-        self.sink.release()
-        try:
-            await stopped
-        finally:
-            await self.wait_for(lambda: not self.sink.sessions, "the connection to close")
-            gc.collect()  # an unhandled failure in the scheduler is reported in this test
-        pending = [m.id for m in queue_read(home) if any(r.state == PENDING for r in m.recipients)]
-        self.assertEqual(pending, [])
-        self.assertIsNotNone(self.log_match(r"delivery \d+: success: .*"))
-        self.assertEqual(len(self.sink.delivered()), 1)
-
-    async def test_message_resolved_but_not_ended_is_finished_at_start(self) -> None:
-        home = self.make_home()
-        # A crash between the last result record and the end record.
-        queue = Queue(home, reactor)
+    async def test_a_message_resolved_but_not_ended_at_a_crash_is_bounced_and_ended_at_start(self) -> None:
+        await self.rig.stop()
+        queue = Queue(self.home.path, reactor, clock=self.clock)
         queue.open()
-        message = await queue.accept("alice@example.test", ["gone@remote.test",
-                                                            "ok@remote.test"], MESSAGE)
-        gone, ok = message.recipients
-        gone.state, gone.text = FAILED, "127.0.0.1 does not like recipient.\nRemote host said: 550 gone"
-        queue.record_result(message, 0)
-        ok.state, ok.text = DELIVERED, "127.0.0.1 accepted message.\nRemote host said: 250 ok"
-        queue.record_result(message, 1)
+        message = await queue.accept(ALICE, ["gone@remote.test", "ok@remote.test"], MESSAGE)
+        for index, (state, text) in enumerate([("failed", GONE.text), (DELIVERED, DONE.text)]):
+            message.recipients[index].state, message.recipients[index].text = state, text
+            queue.record_result(message, index)
         await queue.close()
 
-        self.start(home)
-        (notice,) = await self.wait_for(lambda: mailbox(home, "alice"), "the bounce made at start")
-        self.assertIn(b"<gone@remote.test>:\n127.0.0.1 does not like recipient.\n"
-                      b"Remote host said: 550 gone\n", notice)
-        self.assertNotIn(b"<ok@remote.test>", notice)
-        await self.until_ended(home, message)
-        self.assertEqual(self.sink.transactions, [])
-
-    async def test_queue_rm_while_running_ends_the_message_undelivered(self) -> None:
-        home = self.make_home()
-        self.sink.replies = {"later@remote.test": b"451 try later"}
-        scheduler = self.start(home)
-        message = await self.send(scheduler, "alice@example.test", ["later@remote.test"])
-        await self.until_deferred(message)
-
-        removed = await deferToThread(queue_remove, home, [str(message.id)], None, wait=10)
-        self.assertEqual(removed, 1)
-        await self.wait_for(lambda: self.log_match(f"removed msg {message.id} by request"), "the removal")
-        await self.wait_for(lambda: queue_stat(home) == (0, 0), "an empty queue")
-
-        self.sink.replies.clear()
-        queue_flush(home)
-        await self.wait_for(lambda: self.log_match("flush: retrying every deferred delivery now"), "the flush")
-        self.assertEqual(scheduler.in_progress, {"local": 0, "remote": 0})
-        self.assertEqual(len(self.sink.transactions), 1)
-        self.assertEqual(self.sink.delivered(), [])
-        self.assertEqual(len([line for line in self.flushed_log() if line.startswith("starting delivery")]), 1)
-        self.assertEqual(mailbox(home, "alice"), [])
+        self.rig = SchedulerRig(self.home).start()
+        self.addCleanup(self.rig.stop)
+        await self.rig.settled()
+        (bounce,) = self.bounces()
+        self.assertIn(b"<gone@remote.test>:\n", bounce.read_body())
+        self.assertNotIn(b"<ok@remote.test>", bounce.read_body())
+        self.assertNotIn(message.id, self.rig.queue.messages)
+        self.assertEqual((await self.rig.local.take()).recipients, [ALICE])  # the bounce itself
 
 
-# -- the log ------------------------------------------------------------------------------------------
+# -- forwards and removal -----------------------------------------------------------------------
 
-class LogTests(SchedulerTestCase):
-    async def test_qmail_send_log_lines(self) -> None:
-        home = self.make_home()
-        scheduler = self.start(home)
-        delivered = await self.send(scheduler, "carol@remote.test", ["alice@example.test"])
-        await self.until_ended(home, delivered)
-        n = delivered.id
-        info = rf"info msg {n}: bytes {len(MESSAGE)} from <carol@remote.test> qp \d+ uid \d+"
-        start = rf"starting delivery (\d+): msg {n} to local alice@example.test"
-        order = [self.log_index(f"new msg {n}"), self.log_index(info), self.log_index(start),
-                 self.log_index(r"status: local 1/10 remote 0/20")]
-        number = self.log_match(start).group(1)
-        order += [self.log_index(rf"delivery {number}: success: .*"),
-                  self.log_index(r"status: local 0/10 remote 0/20"), self.log_index(f"end msg {n}")]
-        self.assertEqual(order, sorted(order))
+class ForwardAndRemovalTests(SchedulerTestCase):
+    async def test_a_dot_qmail_forward_is_a_new_message_and_the_original_is_delivered(self) -> None:
+        message = await self.send("carol@remote.test", [f"fwd@{DOMAIN}"])
+        await self.answer(self.rig.local, Outcome.success("did 0+1+0\n", forwards=("x@remote.test",)))
+        (attempt,) = self.rig.remote.waiting
+        self.assertEqual((attempt.sender, attempt.recipients), ("carol@remote.test", ["x@remote.test"]))
+        self.assertEqual(attempt.body(), f"Delivered-To: fwd@{DOMAIN}\n".encode() + MESSAGE)
+        await wait_for(lambda: message.id not in self.rig.queue.messages, "the original to end")
 
-        bounced = await self.send(scheduler, "carol@remote.test", ["nobody@example.test"])
-        await self.until_ended(home, bounced)
-        start = self.log_match(rf"starting delivery (\d+): msg {bounced.id} to local nobody@example.test")
-        self.assertIsNotNone(self.log_match(rf"delivery {start.group(1)}: failure: .*#5\.1\.1.*"))
-        qp = self.log_match(rf"bounce msg {bounced.id} qp (\d+)").group(1)
-        self.assertLess(self.log_index(rf"bounce msg {bounced.id} qp {qp}"), self.log_index(f"end msg {bounced.id}"))
-        self.assertIsNotNone(self.log_match(rf"starting delivery \d+: msg {qp} to remote carol@remote.test"))
-        self.assertIsNotNone(self.log_match(rf"info msg {qp}: bytes \d+ from <> qp \d+ uid \d+"))
+    async def test_queue_rm_ends_a_waiting_message_and_it_is_never_tried_again(self) -> None:
+        message = await self.send(ALICE, ["x@remote.test"])
+        await self.answer(self.rig.remote, LATER)
+        removing = deferToThread(queue_remove, self.home.path, [str(message.id)], None, 10)
+        requests = self.home.path / "queue" / "rm"
+        await wait_for(lambda: [name for name in os.listdir(requests) if not name.startswith(".")],
+                       "the removal request")
+        self.clock.advance(1)  # the scheduler looks at queue/rm once a second
+        self.assertEqual(await removing, 1)
+        await self.rig.settled()
+        self.assertIsNotNone(self.logged(f"removed msg {message.id} by request"))
+        self.assertEqual(queue_stat(self.home.path), (0, 0))
+        self.clock.advance(10_000)
+        self.assertEqual(self.rig.remote.waiting, [])
 
-    async def test_delivery_report_is_logged_as_qmail_does(self) -> None:
-        home = self.make_home()
-        scheduler = self.start(home)
-        message = await self.send(scheduler, "carol@remote.test", ["alice@example.test", "x@remote.test"])
-        await self.until_ended(home, message)
-        self.assertIsNotNone(self.log_match(r"delivery \d+: success: did_1\+0\+0/"))
-        self.assertIsNotNone(self.log_match(
-            r"delivery \d+: success: 127\.0\.0\.1_accepted_message\./Remote_host_said:_250_ok_accepted/"))
-        self.assertEqual(log_safe("a%b c\td\xe9\n"), "a_b_c_d_/")
+
+# -- concurrency --------------------------------------------------------------------------------
+
+class ConcurrencyTests(SchedulerTestCase):
+    controls = {"concurrencylocal": "2\n", "concurrencyremote": "3\n"}
+
+    async def test_concurrencylocal_caps_local_deliveries_and_the_next_starts_when_one_ends(self) -> None:
+        for _ in range(5):
+            await self.send("carol@remote.test", [ALICE])
+        self.assertEqual(len(self.rig.local.waiting), 2)
+        self.rig.local.waiting[0].answer(Outcome.success("did 1+0+0\n"))
+        await self.rig.settled()
+        self.assertEqual(len(self.rig.local.waiting), 2)
+        self.assertEqual(len(self.rig.local.attempts), 3)
+        self.assertIsNotNone(self.logged(r"status: local 2/2 remote 0/3"))
+
+    async def test_concurrencyremote_caps_remote_deliveries(self) -> None:
+        for number in range(5):
+            await self.send(ALICE, [f"x@remote{number}.test"])
+        self.assertEqual(len(self.rig.remote.waiting), 3)
+
+    async def test_a_new_concurrency_applies_to_the_next_start(self) -> None:
+        for number in range(5):
+            await self.send(ALICE, [f"x@remote{number}.test"])
+        self.control("concurrencyremote", "1\n")
+        for attempt in self.rig.remote.waiting:
+            attempt.answer(DONE)
+        await self.rig.settled()
+        self.assertEqual(len(self.rig.remote.waiting), 1)
+
+    async def test_stop_waits_for_deliveries_in_progress(self) -> None:
+        message = await self.send(ALICE, ["x@remote.test"])
+        stopping = self.rig.scheduler.stopService()
+        self.assertFalse(stopping.called)
+        (await self.rig.remote.take()).answer(DONE)
+        await stopping
+        self.assertIsNotNone(self.logged(f"end msg {message.id}"))
+        self.assertEqual(queue_stat(self.home.path), (0, 0))
+
+    async def test_stop_gives_up_on_a_delivery_after_the_grace_and_it_is_retried_after_a_start(self) -> None:
+        message = await self.send(ALICE, ["x@remote.test"])
+        stopping = self.rig.scheduler.stopService()
+        self.clock.advance(30)
+        await stopping
+        self.assertIsNotNone(self.logged(r"stopping: 1 deliveries still running; they are retried after the next start"))
+        self.assertEqual([r.state for r in self.on_disk(message).recipients], [PENDING])
+
+
+def test_log_safe_is_qmail_sends() -> None:
+    assert log_safe("a%b c\td\xe9\nnext\n") == "a_b_c_d_/next/"
+
+
+# -- the real channels, end to end (real time) --------------------------------------------------
+
+class RealChannelsTests(TestCase):
+    """The scheduler with the qmail-lspawn child and qmail-remote to the fake SMTP server."""
+
+    def setUp(self) -> None:
+        path = Path(tempfile.mkdtemp(prefix="qtwist-send-real-"))
+        self.addCleanup(shutil.rmtree, path, True)
+        self.sink = FakeSMTP(Script(rcpt={"bad@remote.test": b"550 no such user here"}))
+        self.addCleanup(self.sink.close)
+        self.home = make_home(path, controls={"smtproutes": f"remote.test:127.0.0.1:{self.sink.port}\n"})
+        settings, errors = load(path)
+        self.assertEqual(errors, [])
+        remote = RemoteDelivery(reactor, lookups=Lookups(reactor, None), remote_port=self.sink.port)
+        self.queue = Queue(path, reactor)
+        self.scheduler = Scheduler(self.queue, lambda: settings, LocalSpawn(reactor, path), remote, reactor)
+        self.scheduler.startService()
+        self.addCleanup(self.scheduler.stopService)
+
+    async def send(self, sender: str, recipients: list[str]) -> QueuedMessage:
+        message = await self.queue.accept(sender, recipients, MESSAGE)
+        self.scheduler.submit(message)
+        return message
+
+    async def test_local_and_remote_recipients_arrive_and_the_message_ends(self) -> None:
+        message = await self.send("carol@remote.test", [ALICE, "x@remote.test"])
+        stored = await self._in_maildir(b"Delivered-To: alice@example.test\n")
+        self.assertEqual(stored, b"Return-Path: <carol@remote.test>\nDelivered-To: alice@example.test\n" + MESSAGE)
+        await wait_for(lambda: self.sink.delivered(), "the remote delivery")
+        (sent,) = self.sink.delivered()
+        self.assertEqual((sent.sender, sent.accepted, sent.lf_data), ("carol@remote.test", ["x@remote.test"], MESSAGE))
+        await wait_for(lambda: message.id not in self.queue.messages, "the message to end")
+
+    async def test_a_remote_refusal_bounces_into_the_local_senders_maildir(self) -> None:
+        await self.send(ALICE, ["bad@remote.test"])
+        notice = await self._in_maildir(b"Subject: failure notice")
+        self.assertIn(b"<bad@remote.test>:\n127.0.0.1 does not like recipient.\n"
+                      b"Remote host said: 550 no such user here\n", notice)
+
+    async def _in_maildir(self, marker: bytes) -> bytes:
+        new = self.home.maildir(ALICE) / "new"
+        found: list[bytes] = []
+
+        def arrived() -> bool:
+            found[:] = [p.read_bytes() for p in new.iterdir() if marker in p.read_bytes()]
+            return bool(found)
+        await wait_for(arrived, f"a message with {marker!r} in alice's Maildir")
+        return found[0]
