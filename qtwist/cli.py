@@ -82,11 +82,14 @@ def _user(args: argparse.Namespace) -> None:
 # -- control settings --------------------------------------------------------
 
 def _showctl(args: argparse.Namespace) -> int:
-    """Each setting in force, one per line, as qmail-showctl lists them."""
+    """Each setting in force, one per line, as qmail-showctl lists them;
+    with --explain, each after a comment line saying what it is for."""
     from qtwist import control
 
     settings, errors = control.load(args.home)
     for name, shown, is_default in settings.describe():
+        if args.explain:
+            print(f"# {control.about(name)}")
         # A list (rcpthosts...) goes on following lines, indented, so each line stays one fact.
         first, *more = str(shown).split("\n")
         print(f"{name}: {first}{' (default)' if is_default else ''}")
@@ -257,8 +260,9 @@ def build_parser() -> argparse.ArgumentParser:
     listing.add_argument("target", nargs="?", metavar="DOMAIN")
     user.set_defaults(run=_user)
 
-    commands.add_parser("showctl", help="show every control setting in force").set_defaults(
-        run=_showctl)
+    showctl = commands.add_parser("showctl", help="show every control setting in force")
+    showctl.add_argument("--explain", action="store_true", help="say what each setting is for")
+    showctl.set_defaults(run=_showctl)
     commands.add_parser("plugins", help="list the installed plugins and which are enabled").set_defaults(
         run=_plugins)
     commands.add_parser("qstat", help="count the queued messages").set_defaults(run=_qstat)

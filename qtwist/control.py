@@ -18,7 +18,7 @@ import threading
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from types import FrameType, MappingProxyType
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any, Callable, Iterator, Mapping, NamedTuple
 
 from twisted.application.service import Service
 from twisted.internet.interfaces import IReactorTime
@@ -320,47 +320,91 @@ def _listeners(where: str, entries: Entries) -> tuple[tuple[tuple[str, str], ...
     return tuple(listeners), errors
 
 
-# (file under control/, Settings field, parser), in the order qmail-showctl lists them.
-CONTROLS: tuple[tuple[str, str, Parser], ...] = (
-    ("me", "me", _host_name),
-    ("rcpthosts", "rcpthosts", _lowercase_set),
-    ("morercpthosts", "rcpthosts", _lowercase_set),
-    ("locals", "locals", _lowercase_set),
-    ("virtualdomains", "virtualdomains", _virtualdomains),
-    ("smtpgreeting", "smtpgreeting", _first_line),
-    ("databytes", "databytes", _number),
-    ("badmailfrom", "badmailfrom", _lowercase_set),
-    ("badrcptto", "badrcptto", _lowercase_set),
-    ("queuelifetime", "queuelifetime", _number),
-    ("bouncefrom", "bouncefrom", _first_line),
-    ("bouncehost", "bouncehost", _first_line),
-    ("doublebouncehost", "doublebouncehost", _first_line),
-    ("doublebounceto", "doublebounceto", _first_line),
-    ("envnoathost", "envnoathost", _first_line),
-    ("percenthack", "percenthack", _lowercase_set),
-    ("concurrencylocal", "concurrencylocal", _number),
-    ("concurrencyremote", "concurrencyremote", _number),
-    ("timeoutconnect", "timeoutconnect", _number),
-    ("timeoutremote", "timeoutremote", _number),
-    ("timeoutsmtpd", "timeoutsmtpd", _number),
-    ("helohost", "helohost", _first_line),
-    ("smtproutes", "smtproutes", _smtproutes),
-    ("spfbehavior", "spfbehavior", _number),
-    ("relaygrantlifetime", "relaygrantlifetime", _number),
-    ("plugins", "plugins", _line_tuple),
-    ("plugintimeout", "plugintimeout", _number),
-    ("rblservers", "rblservers", _line_tuple),
-    ("chkusersender", "chkusersender", _flag),
-    ("authrequirestls", "authrequirestls", _flag),
-    ("pop3requiretls", "pop3requiretls", _flag),
-    ("authsendercheck", "authsendercheck", _flag),
-    ("authfaillimit", "authfaillimit", _number),
-    ("authfailwindow", "authfailwindow", _number),
-    ("authfailblock", "authfailblock", _number),
-    ("dotqmailprograms", "dotqmailprograms", _flag),
-    ("selfsignedcert", "selfsignedcert", _flag),
-    ("listeners", "listeners", _listeners),
+class Control(NamedTuple):
+    """One control file: where its value goes, how it is read, and what it is for."""
+
+    name: str  # the file under control/
+    field: str  # the Settings field it feeds
+    parse: Parser
+    about: str  # one line, shown by ``qtwist showctl --explain``
+
+
+# In the order qmail-showctl lists them.
+CONTROLS: tuple[Control, ...] = (
+    Control("me", "me", _host_name,
+            "this host's name; the default of the host names below, the greeting and Received: lines"),
+    Control("rcpthosts", "rcpthosts", _lowercase_set,
+            "domains anyone may send mail to here (with morercpthosts): a name, or .suffix for subdomains"),
+    Control("morercpthosts", "rcpthosts", _lowercase_set,
+            "more rcpthosts entries, one a line (qmail's are compiled into a cdb; here they stay text)"),
+    Control("locals", "locals", _lowercase_set,
+            "domains delivered through HOME/alias/.qmail-NAME files (qmail's ~alias); default: me"),
+    Control("virtualdomains", "virtualdomains", _virtualdomains,
+            "DOMAIN:PREFIX lines: mail for DOMAIN (or .suffix) goes to the local domain PREFIX"),
+    Control("smtpgreeting", "smtpgreeting", _first_line, "the text after 220 in the SMTP greeting; default: me"),
+    Control("databytes", "databytes", _number, "the largest message accepted, in bytes; 0: no limit"),
+    Control("badmailfrom", "badmailfrom", _lowercase_set,
+            "envelope senders refused (553 at RCPT): addresses, or @domain for a whole domain"),
+    Control("badrcptto", "badrcptto", _lowercase_set,
+            "recipients refused (553): addresses, or @domain for a whole domain"),
+    Control("queuelifetime", "queuelifetime", _number,
+            "seconds a message keeps being retried; the try after that is the last, then it bounces"),
+    Control("bouncefrom", "bouncefrom", _first_line, "the user name bounces come from"),
+    Control("bouncehost", "bouncehost", _first_line, "the host name bounces come from; default: me"),
+    Control("doublebouncehost", "doublebouncehost", _first_line,
+            "the host of the address double bounces go to; default: me"),
+    Control("doublebounceto", "doublebounceto", _first_line,
+            "the user double bounces (bounces that bounced) go to"),
+    Control("envnoathost", "envnoathost", _first_line, "the domain an address without '@' belongs to; default: me"),
+    Control("percenthack", "percenthack", _lowercase_set,
+            "domains whose user%host recipients qmail rewrites; read, but not applied by qtwist"),
+    Control("concurrencylocal", "concurrencylocal", _number, "local deliveries at once"),
+    Control("concurrencyremote", "concurrencyremote", _number, "remote deliveries (SMTP connections out) at once"),
+    Control("timeoutconnect", "timeoutconnect", _number,
+            "seconds to wait for a remote SMTP server to accept a connection"),
+    Control("timeoutremote", "timeoutremote", _number, "seconds to wait for each reply of a remote SMTP server"),
+    Control("timeoutsmtpd", "timeoutsmtpd", _number, "seconds an SMTP client may stay silent before 451 and goodbye"),
+    Control("helohost", "helohost", _first_line, "the name given in EHLO/HELO to remote servers; default: me"),
+    Control("smtproutes", "smtproutes", _smtproutes,
+            "DOMAIN:RELAY[:PORT] lines: where mail for DOMAIN goes instead of its MX; ':RELAY' for all"),
+    Control("spfbehavior", "spfbehavior", _number,
+            "the spf plugin's strictness, 0 (off) to 6, as the qmail SPF patch reads it"),
+    Control("relaygrantlifetime", "relaygrantlifetime", _number,
+            "seconds a POP3 login lets its client address relay (POP-before-SMTP)"),
+    Control("plugins", "plugins", _line_tuple, "the enabled plugins, one name a line, asked in this order"),
+    Control("plugintimeout", "plugintimeout", _number, "seconds a plugin may take before the client gets 451"),
+    Control("rblservers", "rblservers", _line_tuple,
+            "the DNS blocklists the rbl plugin asks; a zone starting with '-' refuses for good (553)"),
+    Control("chkusersender", "chkusersender", _flag,
+            "1: the chkuser plugin also refuses senders whose domain has neither MX nor A records"),
+    Control("authrequirestls", "authrequirestls", _flag,
+            "1: AUTH LOGIN and PLAIN on the SMTP port only after STARTTLS (submission always wants it)"),
+    Control("pop3requiretls", "pop3requiretls", _flag, "1: POP3 USER/PASS only after STLS (APOP sends no password)"),
+    Control("authsendercheck", "authsendercheck", _flag, "1: an authenticated client may only send as its own address"),
+    Control("authfaillimit", "authfaillimit", _number,
+            "failed logins (SMTP AUTH and POP3 alike) that block a client address; 0: never block"),
+    Control("authfailwindow", "authfailwindow", _number, "seconds over which authfaillimit failures are counted"),
+    Control("authfailblock", "authfailblock", _number, "seconds a blocked client address is refused logins"),
+    Control("dotqmailprograms", "dotqmailprograms", _flag, "1: dot-qmail files may run |program lines"),
+    Control("selfsignedcert", "selfsignedcert", _flag,
+            "1: make a self-signed servercert.pem at start when there is none (for a demo)"),
+    Control("listeners", "listeners", _listeners,
+            "NAME ENDPOINT lines (smtp tcp:25): the listeners when the command line names none"),
 )
+
+# What feeds the Settings fields that do not come from one CONTROLS file.
+OTHER_SOURCES = {
+    "servercert.pem": "the private key and certificate chain for STARTTLS, STLS, SMTPS and POP3S",
+    "domains": "every folder of HOME/domains is a local virtual domain (vadddomain makes them)",
+}
+
+
+def about(name: str) -> str:
+    """The line that says what the setting ``name`` (as showctl names it) is for."""
+    for control in CONTROLS:
+        if control.name == name:
+            return control.about
+    return OTHER_SOURCES[name]
 
 
 def _entries(text: str) -> Entries:
@@ -392,7 +436,7 @@ def load(home: Path, previous: Settings | None = None, *, reread: bool = False) 
     origins: dict[str, str] = {}
     failed: set[str] = set()
     errors: list[str] = []
-    for name, field_name, parse in CONTROLS:
+    for name, field_name, parse, _ in CONTROLS:
         where = f"control/{name}"
         origins[name] = "default"
         try:
@@ -421,7 +465,7 @@ def load(home: Path, previous: Settings | None = None, *, reread: bool = False) 
 def _keep_last_good(field_name: str, previous: Settings | None, values: dict[str, Any],
                     origins: dict[str, str]) -> None:
     """Put back what ``previous`` had for a field whose file is broken now."""
-    names = [name for name, target, _ in CONTROLS if target == field_name]
+    names = [control.name for control in CONTROLS if control.field == field_name]
     came_from_file = previous is not None and any(
         previous.origins.get(name, "default") != "default" for name in names)
     if not came_from_file:
@@ -572,7 +616,7 @@ class ControlWatcher(Service):
 
     def _stat_all(self) -> dict[Path, Signature | None]:
         control = self.home / "control"
-        paths = [control / name for name, _, _ in CONTROLS]
+        paths = [control / entry.name for entry in CONTROLS]
         paths += [control / "servercert.pem", self.home / "tcp.smtp", self.home / "domains"]
         return {path: stat_signature(path) for path in paths}
 

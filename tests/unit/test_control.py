@@ -356,3 +356,12 @@ def test_sighup_reloads_and_chains_to_the_previous_handler(home):
         assert calls == [signal.SIGHUP, signal.SIGHUP]
     finally:
         signal.signal(signal.SIGHUP, original)
+
+
+def test_every_setting_says_in_one_line_what_it_is_for():
+    from qtwist.control import CONTROLS, about
+
+    for name, _, _ in Settings(me="mx.example.test").describe():
+        text = about(name)
+        assert text and "\n" not in text and len(text) <= 110, name
+    assert len({control.name for control in CONTROLS}) == len(CONTROLS)

@@ -206,3 +206,11 @@ def test_showctl_marks_defaults_and_reports_bad_files(home):
     result = qtwist(home, "showctl")
     assert result.returncode == 1 and "concurrencylocal: 10 (default)" in result.stdout
     assert "control/concurrencylocal" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_showctl_explain_says_what_each_setting_is_for(home):
+    lines = ok(qtwist(home, "showctl", "--explain")).splitlines()
+    settings = [index for index, line in enumerate(lines) if not line.startswith(("#", "    "))]
+    assert settings and all(lines[index - 1].startswith("# ") for index in settings)
+    assert lines[lines.index("databytes: 0 (unlimited) (default)") - 1] == (
+        "# the largest message accepted, in bytes; 0: no limit")
