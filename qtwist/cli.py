@@ -1,5 +1,5 @@
 """The ``qtwist`` command: the admin's vadddomain, vadduser, qmail-showctl,
-qmail-qstat and qmail-qread in one place (SPEC §7).
+qmail-qstat and qmail-qread in one place (README: "The qtwist command").
 
 Every failure an admin can cause (a missing home, an unknown domain, a bad
 quota) ends as one line on stderr and exit status 1; usage errors exit 2, as

@@ -1,5 +1,5 @@
 """qmail-inject for scripts: ``qtwist sendmail`` reads a message on standard
-input, completes its header and hands it to the server (SPEC §7).
+input, completes its header and hands it to the server.
 
 It speaks sendmail's command line, so PHP's mail() (``sendmail_path``), cron
 and other programs that call /usr/sbin/sendmail work unchanged.  The running

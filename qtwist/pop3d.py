@@ -503,7 +503,7 @@ class POP3Server(LineReceiver, TimeoutMixin):
         self._reply("+OK")
 
     def _record_grant(self) -> None:
-        """POP-before-SMTP: this client IP may relay for a while (SPEC §6)."""
+        """POP-before-SMTP: this client IP may relay for a while."""
         if self._client_ip == NO_IP:
             return
         try:

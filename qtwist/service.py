@@ -2,7 +2,7 @@
 
 Data flows one way: smtpd → queue → send → local/remote; pop3d → grants → smtpd.
 Listeners come from the command line, else control/listeners, else the
-built-in defaults (SPEC §2); `none` turns one off.
+built-in defaults; `none` turns one off.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The ``qtwist`` command, run for real as ``python -m qtwist`` (SPEC §7)."""
+"""The ``qtwist`` command, run for real as ``python -m qtwist``."""
 
 from __future__ import annotations
 

@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 import trustme
 
-from tests.support.home import DOMAIN, Home, PASSWORD, edit_file, make_home
+from tests.support.home import DOMAIN, Home, PASSWORD, make_home, set_flags
 from tests.support.server import Server
 from tests.support.waiting import DEADLINE, wait_until
 from qtwist.pop3d import unique_id
@@ -397,17 +397,12 @@ def test_failed_pop3_logins_block_the_ip_for_pop3_and_smtp_auth_but_no_one_else(
         assert time.monotonic() - started < 0.9  # a failure's first delay is 1 s
 
 
+
+
 def add_user_with_flags(home: Home, name: str, flags: int) -> None:
     """A user whose vpasswd gid field holds vpopmail flag bits, as vmoduser sets them."""
     UserDB(home.path).add_user(f"{name}@{DOMAIN}", PASSWORD)
-    vpasswd = home.path / "domains" / DOMAIN / "vpasswd"
-    lines = []
-    for line in vpasswd.read_text().splitlines():
-        fields = line.split(":")
-        if fields[0] == name:
-            fields[3] = str(flags)
-        lines.append(":".join(fields))
-    edit_file(vpasswd, "\n".join(lines) + "\n")
+    set_flags(home.path, f"{name}@{DOMAIN}", flags)
 
 
 def test_user_flags_refuse_pop_or_withhold_the_relay_grant(server, home):

@@ -15,7 +15,6 @@ import random
 import re
 import select
 import socket
-import ssl
 import struct
 from pathlib import Path
 from typing import Callable, Iterator
@@ -25,7 +24,7 @@ import pytest
 from tests.support.fakesmtp import FakeSMTP
 from tests.support.home import DOMAIN, ME, Home, make_home
 from tests.support.server import Server, session
-from tests.support.smtpclient import ask, read_replies, read_until_closed, unique, wire
+from tests.support.smtpclient import ask, client_hello, read_replies, read_until_closed, unique, wire
 from tests.support.waiting import DEADLINE, DeadPort, wait_until
 
 PLAIN = "127.0.0.1"      # no environment: may only send to rcpthosts
@@ -91,14 +90,6 @@ def replies_in(received: bytes) -> list[bytes]:
     assert not current and received.endswith(b"\r\n"), received[-200:]
     return replies
 
-
-def client_hello() -> bytes:
-    """The first flight of a real TLS client."""
-    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
-    tls = ssl.create_default_context().wrap_bio(incoming, outgoing, server_hostname=ME)
-    with pytest.raises(ssl.SSLWantReadError):
-        tls.do_handshake()
-    return outgoing.read()
 
 
 def peak_memory_kib(pid: int) -> int:

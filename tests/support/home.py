@@ -104,6 +104,20 @@ class Home:
         return self.qtwist("qread").stdout
 
 
+def set_flags(root: Path, address: str, flags: int) -> None:
+    """vpopmail's flag bits (qtwist.users: NO_POP, NO_RELAY...) in a user's
+    vpasswd gid field, as vmoduser sets them."""
+    name, _, domain = address.partition("@")
+    vpasswd = root / "domains" / domain / "vpasswd"
+    lines = []
+    for line in vpasswd.read_text().splitlines():
+        fields = line.split(":")
+        if fields[0] == name:
+            fields[3] = str(flags)
+        lines.append(":".join(fields))
+    edit_file(vpasswd, "\n".join(lines) + "\n")
+
+
 def make_home(root: Path, *, users: tuple[str, ...] = ("alice", "bob"),
               controls: dict[str, str] | None = None, tcp_smtp: str | None = None,
               cleartext: bool = False) -> Home:

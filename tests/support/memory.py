@@ -161,7 +161,8 @@ class SMTPRig:
         self.factory = SMTPFactory(settings=lambda: home.settings, rules=lambda: home.control.rules,
                                    queue=self.queue, queued=self.queued.append, clock=home.clock,
                                    grants=home.grants, submission=submission, logins=home.logins("smtp", users),
-                                   hooks=hooks, plugin_context=PluginContext(home.path, home.users, None, home.clock))
+                                   hooks=hooks,
+                                   plugin_context=PluginContext(home.path, home.users, None, home.clock))
 
     def connect(self, ip: str = "127.0.0.1") -> SMTPClient:
         return SMTPClient(SMTPServer(self.factory), ip)
@@ -304,7 +305,8 @@ class ScriptedLocal(_Scripted):
 class ScriptedRemote(_Scripted):
     """Remote deliveries (one domain each) the test answers."""
 
-    def deliver(self, settings: Settings, domain: str, sender: str, recipients: list[str], message: bytes) -> Deferred:
+    def deliver(self, settings: Settings, domain: str, sender: str, recipients: list[str],
+                message: bytes) -> Deferred:
         return self._attempt(Attempt(list(recipients), sender, lambda: message))
 
 
@@ -323,7 +325,8 @@ class SchedulerRig:
         self.scheduler.startService()
         return self
 
-    async def send(self, sender: str, recipients: list[str], body: bytes = b"Subject: test\n\nhello\n") -> QueuedMessage:
+    async def send(self, sender: str, recipients: list[str],
+                   body: bytes = b"Subject: test\n\nhello\n") -> QueuedMessage:
         """What qmail-smtpd and qmail-queue do: queue durably, then hand over."""
         message = await self.queue.accept(sender, recipients, body)
         self.scheduler.submit(message)

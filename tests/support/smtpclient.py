@@ -4,6 +4,7 @@ the wire: exact replies, pipelining in one write, junk."""
 from __future__ import annotations
 
 import socket
+import ssl
 import time
 import uuid
 
@@ -14,13 +15,27 @@ def unique(label: str) -> str:
     return f"{label}-{uuid.uuid4().hex[:12]}"
 
 
+def _receive(sock: socket.socket, deadline: float) -> bytes | None:
+    """The next bytes before ``deadline``: b"" once the server closed, None on timeout."""
+    remaining = deadline - time.monotonic()
+    if remaining <= 0:
+        return None
+    sock.settimeout(remaining)
+    try:
+        return sock.recv(65536)
+    except ConnectionResetError:
+        return b""
+    except TimeoutError:
+        return None
+
+
 def read_replies(sock: socket.socket, count: int, timeout: float = DEADLINE) -> list[bytes]:
     """Exactly ``count`` complete SMTP replies (multi-line ones joined), in order."""
     replies: list[bytes] = []
     buffer = b""
     current: list[bytes] = []
     deadline = time.monotonic() + timeout
-    while len(replies) < count:
+    while True:
         while b"\r\n" in buffer and len(replies) < count:
             line, buffer = buffer.split(b"\r\n", 1)
             current.append(line)
@@ -28,39 +43,25 @@ def read_replies(sock: socket.socket, count: int, timeout: float = DEADLINE) -> 
                 replies.append(b"\r\n".join(current))
                 current = []
         if len(replies) == count:
-            break
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            raise AssertionError(f"only {len(replies)} of {count} replies: {replies!r} then {buffer!r}")
-        sock.settimeout(remaining)
-        try:
-            chunk = sock.recv(65536)
-        except TimeoutError:
-            raise AssertionError(f"no reply within {timeout:g} s; got {replies!r} then {buffer!r}") from None
+            return replies
+        chunk = _receive(sock, deadline)
+        if chunk is None:
+            raise AssertionError(f"only {len(replies)} of {count} replies within {timeout:g} s: "
+                                 f"{replies!r} then {buffer!r}")
         if not chunk:
             raise AssertionError(f"closed after {len(replies)} of {count} replies: {replies!r} then {buffer!r}")
         buffer += chunk
-    return replies
 
 
 def read_until_closed(sock: socket.socket, timeout: float = DEADLINE) -> bytes:
     """Everything the server sends until it closes the connection."""
     received = b""
     deadline = time.monotonic() + timeout
-    while True:
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            raise AssertionError(f"still open after {timeout:g} s; got {received[-300:]!r}")
-        sock.settimeout(remaining)
-        try:
-            chunk = sock.recv(65536)
-        except ConnectionResetError:
-            return received
-        except TimeoutError:
-            raise AssertionError(f"still open after {timeout:g} s; got {received[-300:]!r}") from None
-        if not chunk:
-            return received
+    while chunk := _receive(sock, deadline):
         received += chunk
+    if chunk is None:
+        raise AssertionError(f"still open after {timeout:g} s; got {received[-300:]!r}")
+    return received
 
 
 def greeted(sock: socket.socket) -> socket.socket:
@@ -84,3 +85,14 @@ def wire(message: bytes) -> bytes:
     ``message`` is empty or ends with LF."""
     lines = message.split(b"\n")[:-1]
     return b"".join((b"." if line.startswith(b".") else b"") + line + b"\r\n" for line in lines)
+
+
+def client_hello(server_name: str = "mx.example.test") -> bytes:
+    """The first flight of a real TLS client, for junk on a plain port."""
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    tls = ssl.create_default_context().wrap_bio(incoming, outgoing, server_hostname=server_name)
+    try:
+        tls.do_handshake()
+    except ssl.SSLWantReadError:
+        pass  # it waits for the server's answer: what it wrote is the ClientHello
+    return outgoing.read()

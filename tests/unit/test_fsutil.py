@@ -68,18 +68,24 @@ def test_replace_file_without_durability_still_replaces_whole(tmp_path):
     assert os.listdir(tmp_path) == ["cache"]
 
 
-def test_replace_file_takes_its_scratch_file_in_scratch_dir(tmp_path, monkeypatch):
-    scratch_dir = tmp_path / "tmp"
-    scratch_dir.mkdir()
-    target = tmp_path / "maildirsize"
-    scratch_names = []
+@pytest.fixture
+def scratch_names(monkeypatch) -> list[Path]:
+    """The files replace_file renames into place, as it renames them."""
+    names: list[Path] = []
     real_rename = os.rename
 
     def watching_rename(source, destination):
-        scratch_names.append(Path(source))
+        names.append(Path(source))
         real_rename(source, destination)
 
     monkeypatch.setattr(fsutil.os, "rename", watching_rename)
+    return names
+
+
+def test_replace_file_takes_its_scratch_file_in_scratch_dir(tmp_path, scratch_names):
+    scratch_dir = tmp_path / "tmp"
+    scratch_dir.mkdir()
+    target = tmp_path / "maildirsize"
     replace_file(target, b"1000S\n0 0\n", scratch_dir=scratch_dir)
     [scratch] = scratch_names
     assert scratch.parent == scratch_dir
@@ -88,16 +94,8 @@ def test_replace_file_takes_its_scratch_file_in_scratch_dir(tmp_path, monkeypatc
     assert os.listdir(scratch_dir) == []
 
 
-def test_scratch_files_are_dot_files_beside_the_target(tmp_path, monkeypatch):
+def test_scratch_files_are_dot_files_beside_the_target(tmp_path, scratch_names):
     target = tmp_path / "vpasswd"
-    scratch_names = []
-    real_rename = os.rename
-
-    def watching_rename(source, destination):
-        scratch_names.append(Path(source))
-        real_rename(source, destination)
-
-    monkeypatch.setattr(fsutil.os, "rename", watching_rename)
     replace_file(target, b"line\n")
     [scratch] = scratch_names
     assert scratch.parent == tmp_path
@@ -194,42 +192,39 @@ class CountingLoader:
         return path.read_bytes()
 
 
-def test_stat_cache_loads_once_per_signature(tmp_path):
+@pytest.fixture
+def cached(tmp_path: Path) -> tuple[Path, "CountingLoader", StatCache]:
+    """A file, a loader that counts its loads, and a StatCache over it."""
     target = tmp_path / "rcpthosts"
     target.write_bytes(b"example.test\n")
     loader = CountingLoader()
-    cache = StatCache(loader)
+    return target, loader, StatCache(loader)
+
+
+def test_stat_cache_loads_once_per_signature(cached):
+    target, loader, cache = cached
     assert cache.get(target) == b"example.test\n"
     assert cache.get(target) == b"example.test\n"
     assert len(loader.loads) == 1
 
 
-def test_stat_cache_reloads_a_changed_file(tmp_path):
-    target = tmp_path / "rcpthosts"
-    target.write_bytes(b"example.test\n")
-    loader = CountingLoader()
-    cache = StatCache(loader)
+def test_stat_cache_reloads_a_changed_file(cached):
+    target, loader, cache = cached
     cache.get(target)
     replace_file(target, b"other.test\n", durable=False)
     assert cache.get(target) == b"other.test\n"
     assert len(loader.loads) == 2
 
 
-def test_stat_cache_reload_ignores_the_signature(tmp_path):
-    target = tmp_path / "rcpthosts"
-    target.write_bytes(b"example.test\n")
-    loader = CountingLoader()
-    cache = StatCache(loader)
+def test_stat_cache_reload_ignores_the_signature(cached):
+    target, loader, cache = cached
     cache.get(target)
     assert cache.get(target, reload=True) == b"example.test\n"
     assert len(loader.loads) == 2
 
 
-def test_stat_cache_gives_none_for_an_absent_file_and_forgets_it(tmp_path):
-    target = tmp_path / "rcpthosts"
-    target.write_bytes(b"example.test\n")
-    loader = CountingLoader()
-    cache = StatCache(loader)
+def test_stat_cache_gives_none_for_an_absent_file_and_forgets_it(cached):
+    target, loader, cache = cached
     cache.get(target)
     target.unlink()
     assert cache.get(target) is None
@@ -268,14 +263,11 @@ def test_stat_cache_passes_the_loaders_other_errors_to_the_caller(tmp_path):
         cache.get(target)
 
 
-def test_stat_cache_forget_makes_the_next_look_load_again(tmp_path):
-    target = tmp_path / "rcpthosts"
-    target.write_bytes(b"example.test\n")
-    loader = CountingLoader()
-    cache = StatCache(loader)
+def test_stat_cache_forget_makes_the_next_look_load_again(cached):
+    target, loader, cache = cached
     cache.get(target)
     cache.forget(target)
-    cache.forget(tmp_path / "never-seen")
+    cache.forget(target.with_name("never-seen"))
     assert cache.get(target) == b"example.test\n"
     assert len(loader.loads) == 2
 

@@ -37,7 +37,7 @@ from qtwist.login import (
     normal_ip,
 )
 from qtwist.users import NO_POP, NO_SMTP, UserDB
-from tests.support.home import DOMAIN, PASSWORD, edit_file, make_home
+from tests.support.home import DOMAIN, PASSWORD, make_home, set_flags
 
 ALICE = f"alice@{DOMAIN}"
 BOB = f"bob@{DOMAIN}"
@@ -211,18 +211,6 @@ def cram_md5(username: str, secret: str, challenge: bytes = b"<12345.1700000000@
     credentials.setResponse(f"{username} {answer}".encode())
     return credentials
 
-
-def set_flags(home: Path, address: str, flags: int) -> None:
-    """Set the vpasswd gid field (vpopmail's flag bits), as vmoduser does."""
-    vpasswd = home / "domains" / DOMAIN / "vpasswd"
-    name = address.partition("@")[0]
-    lines = []
-    for line in vpasswd.read_text().splitlines():
-        fields = line.split(":")
-        if fields[0] == name:
-            fields[3] = str(flags)
-        lines.append(":".join(fields))
-    edit_file(vpasswd, "\n".join(lines) + "\n")
 
 
 def break_store(home: Path) -> None:

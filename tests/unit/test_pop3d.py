@@ -21,7 +21,7 @@ from twisted.trial.unittest import TestCase
 from qtwist.login import MAX_DELAY
 from qtwist.pop3d import crlf_chunks, dot_stuffed, top_chunks
 from qtwist.users import NO_POP, NO_RELAY, UserDB
-from tests.support.home import DOMAIN, PASSWORD, edit_file, make_home
+from tests.support.home import DOMAIN, PASSWORD, make_home, set_flags
 from tests.support.memory import Home, POP3Client, POP3Rig, wait_for
 
 ALICE = f"alice@{DOMAIN}"
@@ -120,17 +120,6 @@ class POP3TestCase(TestCase):
     def control(self, name: str, text: str) -> None:
         (self.home.path / "control" / name).write_text(text)
         self.home.reload()
-
-    def set_flags(self, name: str, flags: int) -> None:
-        """vpopmail flag bits in the user's vpasswd gid field, as vmoduser sets them."""
-        vpasswd = self.home.path / "domains" / DOMAIN / "vpasswd"
-        lines = []
-        for line in vpasswd.read_text().splitlines():
-            fields = line.split(":")
-            if fields[0] == name:
-                fields[3] = str(flags)
-            lines.append(":".join(fields))
-        edit_file(vpasswd, "\n".join(lines) + "\n")
 
     def drop(self, raw: bytes, name: str = "1000000000.P1Q1.mx.example.test", mtime: float | None = None,
              folder: str = "new") -> Path:
@@ -255,7 +244,7 @@ class POP3LoginTests(POP3TestCase):
         self.assertEqual(await self.refused_late(client, f"PASS {PASSWORD}"), REFUSED)
 
     async def test_user_without_pop_rights_is_refused_like_a_wrong_password(self) -> None:
-        self.set_flags("alice", NO_POP)
+        set_flags(self.home.path, ALICE, NO_POP)
         client = await self.rig.greeted()
         await client.ask(f"USER {ALICE}")
         self.assertEqual(await self.refused_late(client, f"PASS {PASSWORD}"), REFUSED)
@@ -290,7 +279,7 @@ class POP3LoginTests(POP3TestCase):
         self.assertEqual(await client.ask(f"PASS {PASSWORD}"), BLOCKED)
 
     async def test_user_without_relay_rights_logs_in_but_gets_no_grant(self) -> None:
-        self.set_flags("alice", NO_RELAY)
+        set_flags(self.home.path, ALICE, NO_RELAY)
         self.drop(MESSAGE)
         client = await self.login()
         self.assertEqual(await client.ask("STAT"), b"+OK 1 %d\r\n" % len(MESSAGE_AS_SENT))

@@ -16,7 +16,6 @@ import hmac
 import random
 import re
 import shutil
-import ssl
 import tempfile
 from email.utils import parsedate_to_datetime
 from pathlib import Path
@@ -47,9 +46,9 @@ from qtwist.smtpd import (
     unstuff,
 )
 from qtwist.users import NO_RELAY, NO_SMTP, UserDB
-from tests.support.home import DOMAIN, ME, PASSWORD, edit_file, make_home
+from tests.support.home import DOMAIN, ME, PASSWORD, make_home, set_flags
 from tests.support.memory import Home, SMTPClient, SMTPRig, wait_for
-from tests.support.smtpclient import wire
+from tests.support.smtpclient import client_hello, wire
 
 ALICE = f"alice@{DOMAIN}"  # the clear-text vpasswd field is kept: every mechanism
 BOB = f"bob@{DOMAIN}"      # a hash only: no CRAM-MD5
@@ -122,14 +121,6 @@ def hops_message(received: int, delivered_to: int = 0) -> bytes:
     trace += [f"Delivered-To: list{n}@example.net\n" for n in range(delivered_to)]
     return ("".join(trace) + "Subject: loop?\n\nReceived: in the body does not count\n").encode()
 
-
-def client_hello() -> bytes:
-    """The first flight of a real TLS client."""
-    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
-    tls = ssl.create_default_context().wrap_bio(incoming, outgoing, server_hostname=ME)
-    with pytest.raises(ssl.SSLWantReadError):
-        tls.do_handshake()
-    return outgoing.read()
 
 
 # -- parse_address: qmail-smtpd's addrparse() ----------------------------------------------------------
@@ -346,18 +337,6 @@ class SMTPTestCase(TestCase):
     def tcp_smtp(self, text: str) -> None:
         (self.home.path / "tcp.smtp").write_text(text)
         self.home.reload()
-
-    def set_flags(self, address: str, flags: int) -> None:
-        """vpopmail's flag bits in the user's vpasswd gid field, as vmoduser sets them."""
-        user = address.partition("@")[0]
-        vpasswd = self.home.path / "domains" / DOMAIN / "vpasswd"
-        lines = []
-        for line in vpasswd.read_text().splitlines():
-            fields = line.split(":")
-            if fields[0] == user:
-                fields[3] = str(flags)
-            lines.append(":".join(fields))
-        edit_file(vpasswd, "\n".join(lines) + "\n")
 
     # -- talking ------------------------------------------------------------------------------
 
@@ -1058,14 +1037,14 @@ class AuthTests(SMTPTestCase):
                          [b"553 sorry, that sender address is not yours (#5.7.1)", OK])
 
     async def test_no_smtp_flag_is_refused_like_a_wrong_password(self) -> None:
-        self.set_flags(ALICE, NO_SMTP)
+        set_flags(self.home.path, ALICE, NO_SMTP)
         client = await self.ehloed()
         self.assertEqual(await self.refused_late(client, f"AUTH PLAIN {plain(ALICE)}"), REPLY_AUTH_FAILED)
         (challenge,) = await client.ask("AUTH CRAM-MD5")
         self.assertEqual(await self.refused_late(client, cram_answer(challenge, ALICE)), REPLY_AUTH_FAILED)
 
     async def test_no_relay_flag_logs_in_without_relaying(self) -> None:
-        self.set_flags(ALICE, NO_RELAY)
+        set_flags(self.home.path, ALICE, NO_RELAY)
         client = await self.ehloed()
         self.assertEqual(await client.ask(f"AUTH PLAIN {plain(ALICE)}"), [REPLY_AUTH_OK])
         self.assertEqual(await client.ask(f"MAIL FROM:<{ALICE}>", "RCPT TO:<friend@remote.test>",
