@@ -23,6 +23,7 @@ from zope.interface import Attribute, Interface, implementer
 
 from qtwist.control import Settings
 from qtwist.policy import ClientInfo, may_relay
+from qtwist.users import IUserStore
 
 log = Logger(namespace="qtwist.hooks")
 
@@ -85,7 +86,7 @@ class PluginContext:
     (honouring --nameserver) and the clock."""
 
     home: Path
-    users: Any
+    users: IUserStore
     lookups: Any
     clock: Any
 

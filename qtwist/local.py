@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING
 from qtwist import maildir
 from qtwist.delivery import Outcome
 from qtwist.fsutil import write_all
-from qtwist.users import BOUNCE_MAIL, User, UserDB
+from qtwist.users import BOUNCE_MAIL, IUserStore, User
 
 if TYPE_CHECKING:
     from qtwist.control import Settings
@@ -74,7 +74,7 @@ class _Delivery:
     """One message for one recipient, and what has been done with it so far."""
 
     settings: Settings
-    users: UserDB
+    users: IUserStore
     recipient: str
     local: str
     host: str
@@ -100,7 +100,7 @@ class _Delivery:
                                forwards=tuple(self.forwards))
 
 
-def deliver(home: Path, settings: Settings, users: UserDB, recipient: str, sender: str,
+def deliver(home: Path, settings: Settings, users: IUserStore, recipient: str, sender: str,
             message: bytes) -> Outcome:
     """Deliver ``message`` (LF line ends, Received: already on top) to ``recipient``.
 
@@ -199,7 +199,7 @@ def _find_user(delivery: _Delivery) -> User | None:
     return _vpasswd_user(delivery.users, delivery.local, delivery.domain_dir)
 
 
-def _vpasswd_user(users: UserDB, local: str, domain_dir: str) -> User | None:
+def _vpasswd_user(users: IUserStore, local: str, domain_dir: str) -> User | None:
     """The user for ``local``; for ``user-ext`` the longest existing ``user``
     (vpopmail's QMAIL_EXT)."""
     candidate = local.lower()
@@ -211,7 +211,7 @@ def _vpasswd_user(users: UserDB, local: str, domain_dir: str) -> User | None:
     return None
 
 
-def mailbox_check(home: Path, settings: Settings, users: UserDB, recipient: str) -> str:
+def mailbox_check(home: Path, settings: Settings, users: IUserStore, recipient: str) -> str:
     """chkuser's question, asked at RCPT: would delivery find a mailbox?
     "ok", "unknown" or "full".  It follows deliver()'s order without
     delivering; anything it cannot judge (other programs, forwards, a

@@ -11,6 +11,7 @@ The protocols only turn a ``LoginResult`` into their own reply.
 from __future__ import annotations
 
 import enum
+import functools
 import hashlib
 import hmac
 import ipaddress
@@ -40,10 +41,13 @@ NO_IP = "unknown"
 
 # -- client addresses -----------------------------------------------------------------------------
 
+@functools.lru_cache(maxsize=65536)
 def normal_ip(text: str) -> str:
     """One spelling per address, as every table keys it (tcp.smtp, grants, the
     throttle): an IPv4-mapped IPv6 address is the IPv4 one, IPv6 is compressed,
-    a scope (``%eth0``) is dropped.  Raises ValueError for text that is no IP."""
+    a scope (``%eth0``) is dropped.  Raises ValueError for text that is no IP.
+    Cached: parsing costs more than the rest of accepting a connection, and
+    clients come back."""
     address = ipaddress.ip_address(text.split("%", 1)[0])
     if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
         return str(address.ipv4_mapped)

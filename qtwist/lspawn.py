@@ -46,7 +46,7 @@ from qtwist import local
 from qtwist.control import ControlWatcher, Settings
 from qtwist.delivery import ILocalDelivery, Outcome
 from qtwist.queue import QueuedMessage
-from qtwist.users import UserDB
+from qtwist.users import IUserStore, UserDB
 
 log = Logger(namespace="qtwist.lspawn")
 
@@ -265,7 +265,7 @@ def _requests(fd: int) -> Iterator[list]:
         buffer = buffer[start:]
 
 
-def _deliver(home: Path, settings: _FreshSettings, users: UserDB, recipient: str, sender: str,
+def _deliver(home: Path, settings: _FreshSettings, users: IUserStore, recipient: str, sender: str,
              queue_file: str, offset: int, size: int) -> Outcome:
     """qmail-local for one recipient, reading the message from its queue file."""
     try:

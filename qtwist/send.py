@@ -176,7 +176,8 @@ class Scheduler(Service):
             # Messages it is queueing must leave todo/, or the next start queues them again.
             await self._pickup
         if self._work:
-            self.log(f"stopping: waiting for {self._deliveries_running()} deliveries in progress")
+            if self._deliveries_running():
+                self.log(f"stopping: waiting for {self._deliveries_running()} deliveries in progress")
             waiting = self.settled()
             giving_up = self.clock.callLater(STOP_GRACE, waiting.cancel)
             try:
