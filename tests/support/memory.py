@@ -32,7 +32,7 @@ from qtwist.pop3d import POP3Factory, POP3Server
 from qtwist.queue import Queue, QueuedMessage
 from qtwist.send import Scheduler
 from qtwist.smtpd import SMTPFactory, SMTPServer
-from qtwist.users import UserDB
+from qtwist.users import IUserStore, UserDB
 from tests.support.waiting import DEADLINE
 
 
@@ -52,8 +52,8 @@ def _peer(ip: str) -> IPv4Address | IPv6Address:
     return IPv4Address("TCP", ip, 40000)
 
 
-class Home:
-    """What both servers share in one home: control files, users, grants, the
+class MemoryHome:
+    """A home as the servers see it in memory: control files, users, grants, the
     failed-login throttle, all on one Clock."""
 
     def __init__(self, path: Path) -> None:
@@ -75,7 +75,7 @@ class Home:
         """Read the control files and tcp.smtp again, as the watcher does within a second."""
         self.control.reload()
 
-    def logins(self, service: str, users: UserDB | None = None) -> Logins:
+    def logins(self, service: str, users: IUserStore | None = None) -> Logins:
         """The login flow of ``service``, over ``users`` instead of the home's when given."""
         portal = mail_portal(self.users if users is None else users, service)
         return Logins(f"{service}d", portal, self.throttle, self.clock)
@@ -151,8 +151,8 @@ def _smtp_replies(output: bytes, start: int, most: int | None = None) -> tuple[l
 class SMTPRig:
     """The SMTP server of one home, as service.py builds it."""
 
-    def __init__(self, home: Home, *, submission: bool = False, hooks: Hooks | None = None,
-                 users: UserDB | None = None) -> None:
+    def __init__(self, home: MemoryHome, *, submission: bool = False, hooks: Hooks | None = None,
+                 users: IUserStore | None = None) -> None:
         """``users`` replaces the home's user store (with one that fails, say)."""
         self.home = home
         self.queue = Queue(home.path, reactor, clock=home.clock)
@@ -226,13 +226,11 @@ def _pop3_reply_end(output: bytes, start: int, multiline: bool) -> int:
 class POP3Rig:
     """The POP3 server of one home, as service.py builds it."""
 
-    def __init__(self, home: Home, *, users: UserDB | None = None) -> None:
+    def __init__(self, home: MemoryHome, *, users: IUserStore | None = None) -> None:
         """``users`` replaces the home's user store (with one that fails, say)."""
         self.home = home
-        logins = home.logins("pop3") if users is None else Logins("pop3d", mail_portal(users, "pop3"),
-                                                                  home.throttle, home.clock)
-        self.factory = POP3Factory(logins=logins, grants=home.grants, settings=lambda: home.settings,
-                                   clock=home.clock)
+        self.factory = POP3Factory(logins=home.logins("pop3", users), grants=home.grants,
+                                   settings=lambda: home.settings, clock=home.clock)
 
     def connect(self, ip: str = "127.0.0.1") -> POP3Client:
         return POP3Client(POP3Server(self.factory), ip)
@@ -313,7 +311,7 @@ class ScriptedRemote(_Scripted):
 class SchedulerRig:
     """The scheduler of one home over its real queue, with scripted channels."""
 
-    def __init__(self, home: Home) -> None:
+    def __init__(self, home: MemoryHome) -> None:
         self.home = home
         self.clock = home.clock
         self.queue = Queue(home.path, reactor, clock=home.clock)

@@ -22,7 +22,7 @@ from qtwist.login import MAX_DELAY
 from qtwist.pop3d import crlf_chunks, dot_stuffed, top_chunks
 from qtwist.users import NO_POP, NO_RELAY, UserDB
 from tests.support.home import DOMAIN, PASSWORD, make_home, set_flags
-from tests.support.memory import Home, POP3Client, POP3Rig, wait_for
+from tests.support.memory import MemoryHome, POP3Client, POP3Rig, wait_for
 
 ALICE = f"alice@{DOMAIN}"
 OK = b"+OK\r\n"
@@ -111,7 +111,7 @@ class POP3TestCase(TestCase):
         path = Path(tempfile.mkdtemp(prefix="qtwist-pop3d-"))
         self.addCleanup(shutil.rmtree, path, True)
         make_home(path, cleartext=True)
-        self.home = Home(path)
+        self.home = MemoryHome(path)
         self.maildir = path / "domains" / DOMAIN / "alice" / "Maildir"
         self.rig = POP3Rig(self.home)
 

@@ -29,7 +29,7 @@ from qtwist.resolver import Lookups
 from qtwist.send import Scheduler, log_safe, next_retry
 from tests.support.fakesmtp import FakeSMTP, Script
 from tests.support.home import DOMAIN, ME, edit_file, make_home
-from tests.support.memory import Home, SchedulerRig, wait_for
+from tests.support.memory import MemoryHome, SchedulerRig, wait_for
 
 MESSAGE = b"From: alice@example.test\nSubject: send test\n\nhello\n.leading dot\n"
 ALICE = f"alice@{DOMAIN}"
@@ -48,7 +48,7 @@ class SchedulerTestCase(TestCase):
         path = Path(tempfile.mkdtemp(prefix="qtwist-send-"))
         self.addCleanup(shutil.rmtree, path, True)
         make_home(path, controls=self.controls)
-        self.home = Home(path)
+        self.home = MemoryHome(path)
         self.rig = SchedulerRig(self.home).start()
         self.addCleanup(self.rig.stop)
         self.log_lines: list[str] = []

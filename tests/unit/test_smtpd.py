@@ -47,7 +47,7 @@ from qtwist.smtpd import (
 )
 from qtwist.users import NO_RELAY, NO_SMTP, UserDB
 from tests.support.home import DOMAIN, ME, PASSWORD, make_home, set_flags
-from tests.support.memory import Home, SMTPClient, SMTPRig, wait_for
+from tests.support.memory import MemoryHome, SMTPClient, SMTPRig, wait_for
 from tests.support.smtpclient import client_hello, wire
 
 ALICE = f"alice@{DOMAIN}"  # the clear-text vpasswd field is kept: every mechanism
@@ -319,7 +319,7 @@ class SMTPTestCase(TestCase):
         self.addCleanup(shutil.rmtree, path, True)
         make_home(path)
         UserDB(path).set_password(ALICE, PASSWORD, cleartext=True)
-        self.home = Home(path)
+        self.home = MemoryHome(path)
         self.rig = self.make_rig()
 
     def make_rig(self) -> SMTPRig:
