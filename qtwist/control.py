@@ -22,10 +22,10 @@ from typing import Any, Callable, Iterator, Mapping, NamedTuple
 
 from twisted.application.service import Service
 from twisted.internet.interfaces import IReactorTime
-from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
 from qtwist.fsutil import Signature, StatCache, stat_signature
+from qtwist.periodic import Periodic
 from qtwist.rules import Rules
 
 LISTENER_NAMES = ("smtp", "submission", "smtps", "pop3", "pop3s")
@@ -520,7 +520,7 @@ class ControlWatcher(Service):
         self.interval = interval
         self._clock = clock
         self._subscribers: list[Callable[[Settings], object]] = []
-        self._loop: LoopingCall | None = None
+        self._poller: Periodic | None = None
         self._previous_sighup: Any = None
         self._sighup_installed = False
         self._stamps = self._stat_all()
@@ -534,17 +534,17 @@ class ControlWatcher(Service):
 
     def startService(self) -> None:
         super().startService()
-        self._loop = LoopingCall(self.poll)
-        self._loop.clock = self._time()
-        self._loop.start(self.interval, now=False)
+        self._poller = Periodic("control: looking for changed control files", self.poll, self.interval,
+                                self._time())
+        self._poller.startService()
         if self._owns_signals():
             self._previous_sighup = signal.signal(signal.SIGHUP, self._on_sighup)
             self._sighup_installed = True
 
     def stopService(self) -> None:
-        if self._loop is not None and self._loop.running:
-            self._loop.stop()
-        self._loop = None
+        if self._poller is not None:
+            self._poller.stopService()
+        self._poller = None
         if self._sighup_installed:
             if signal.getsignal(signal.SIGHUP) == self._on_sighup:
                 previous = self._previous_sighup
@@ -558,18 +558,14 @@ class ControlWatcher(Service):
         return self._refresh(control=True, tcp=True, forced=True)
 
     def poll(self) -> None:
-        """Reload what changed since the last look (the LoopingCall's job)."""
-        # An exception would stop the LoopingCall for good, so log it and go on.
-        try:
-            stamps = self._stat_all()
-            if stamps == self._stamps:
-                return
-            changed = {path for path, stamp in stamps.items() if self._stamps.get(path) != stamp}
-            self._stamps = stamps
-            tcp = self.home / "tcp.smtp"
-            self._refresh(control=bool(changed - {tcp}), tcp=tcp in changed, forced=False)
-        except Exception:
-            self.log.failure("control: reload failed")
+        """Reload what changed since the last look (every ``interval`` seconds)."""
+        stamps = self._stat_all()
+        if stamps == self._stamps:
+            return
+        changed = {path for path, stamp in stamps.items() if self._stamps.get(path) != stamp}
+        self._stamps = stamps
+        tcp = self.home / "tcp.smtp"
+        self._refresh(control=bool(changed - {tcp}), tcp=tcp in changed, forced=False)
 
     def _refresh(self, control: bool, tcp: bool, forced: bool) -> bool:
         changed = False

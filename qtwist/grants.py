@@ -16,14 +16,13 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
-from twisted.application.service import Service
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
-from twisted.internet.task import LoopingCall
 from twisted.internet.threads import deferToThread
 from twisted.logger import Logger
 
 from qtwist.login import normal_ip
+from qtwist.periodic import Periodic
 
 if TYPE_CHECKING:
     from qtwist.control import Settings
@@ -125,7 +124,7 @@ class Grants:
         return files
 
 
-class GrantsCleaner(Service):
+class GrantsCleaner(Periodic):
     """Removes expired grant files every ``interval`` seconds, so open-smtp/ stays small.
 
     ``settings`` is asked at each run, so a reloaded relaygrantlifetime applies.
@@ -134,28 +133,12 @@ class GrantsCleaner(Service):
 
     def __init__(self, grants: Grants, settings: Callable[[], "Settings"],
                  interval: float = 300.0, clock: IReactorTime | None = None) -> None:
+        super().__init__("grants: removing expired open-smtp/ grants", self._expire, interval, clock, now=True)
         self.grants = grants
         self.settings = settings
-        self.interval = interval
-        self._loop = LoopingCall(self._expire)
-        if clock is not None:
-            self._loop.clock = clock
-
-    def startService(self) -> None:
-        super().startService()
-        self._loop.start(self.interval, now=True)
-
-    def stopService(self) -> None:
-        super().stopService()
-        if self._loop.running:
-            self._loop.stop()
 
     def _expire(self) -> Deferred[None]:
-        done = deferToThread(self.grants.expire, self.settings().relaygrantlifetime)
-        done.addCallback(self._expired)
-        # A failed run (say, open-smtp/ unreadable) is logged; the next run tries again.
-        done.addErrback(lambda failure: _log.failure("grants: expiring open-smtp/ failed", failure))
-        return done
+        return deferToThread(self.grants.expire, self.settings().relaygrantlifetime).addCallback(self._expired)
 
     def _expired(self, removed: int) -> None:
         if removed:

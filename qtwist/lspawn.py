@@ -150,6 +150,7 @@ class LocalSpawn:
         self._child: _Child | None = None
         self._restart = None
         self._running = False
+        self._spawn_failing = False
 
     def start(self) -> None:
         self._running = True
@@ -177,25 +178,36 @@ class LocalSpawn:
         return child.gone
 
     def _spawn(self) -> None:
+        """Start the child; on failure (out of processes or descriptors, say)
+        log once while it keeps failing, and try again soon."""
         child = _Child(self._child_ended)
         argv = [sys.executable, "-c", CHILD_MAIN, json.dumps(sys.path), os.fsdecode(self.home)]
         try:
             self.reactor.spawnProcess(child, sys.executable, argv, env=dict(os.environ),
                                       childFDs={0: "w", 1: "r", 2: "r"})
-        except OSError as error:  # out of processes or file descriptors: try again soon
-            self._respawn(f"cannot start the local delivery process: {error.strerror or error}")
+        except Exception as error:
+            if not self._spawn_failing:
+                log.error("lspawn: cannot start the local delivery process ({why}); trying again every "
+                          "{delay} s", why=getattr(error, "strerror", None) or repr(error), delay=RESTART_DELAY)
+            self._spawn_failing = True
+            self._respawn()
             return
+        if self._spawn_failing:
+            log.info("lspawn: the local delivery process started again")
+        self._spawn_failing = False
         self._child = child
 
     def _child_ended(self, child: _Child) -> None:
         if child is not self._child:
             return
         self._child = None
-        self._respawn("the local delivery process ended")
-
-    def _respawn(self, why: str) -> None:
         if self._running:
-            log.error("lspawn: {why}; starting a new one in {delay} s", why=why, delay=RESTART_DELAY)
+            log.error("lspawn: the local delivery process ended; starting a new one in {delay} s",
+                      delay=RESTART_DELAY)
+        self._respawn()
+
+    def _respawn(self) -> None:
+        if self._running:
             self._restart = self.reactor.callLater(RESTART_DELAY, self._spawn)
 
     @staticmethod
@@ -213,12 +225,15 @@ class LocalSpawn:
 
 class _FreshSettings:
     """The control files as the server reads them, checked for changes at most
-    once a second, by whichever delivery thread comes first."""
+    once a second, by whichever delivery thread comes first.  A check that
+    fails keeps the last settings, says so once on stderr (the server's log),
+    and is tried again a second later."""
 
     def __init__(self, home: Path) -> None:
         self.control = ControlWatcher(home)
         self._checked = time.monotonic()
         self._checking = threading.Lock()
+        self._failing = False
 
     def __call__(self) -> Settings:
         now = time.monotonic()
@@ -226,6 +241,12 @@ class _FreshSettings:
             try:
                 self._checked = now
                 self.control.poll()
+                self._failing = False
+            except Exception as error:
+                if not self._failing:
+                    print(f"looking for changed control files failed ({error!r}); "
+                          f"trying again every second", file=sys.stderr, flush=True)
+                self._failing = True
             finally:
                 self._checking.release()
         return self.control.settings

@@ -31,7 +31,6 @@ from typing import Callable, Coroutine
 from twisted.application.service import Service
 from twisted.internet.defer import CancelledError, Deferred, DeferredList
 from twisted.internet.interfaces import IReactorTime
-from twisted.internet.task import LoopingCall
 from twisted.internet.threads import deferToThread
 from twisted.logger import Logger
 
@@ -40,6 +39,7 @@ from qtwist.control import Settings
 from qtwist.delivery import ILocalDelivery, IRemoteDelivery, Outcome
 from qtwist.hooks import Hooks, Outbound, PluginContext
 from qtwist.inject import received_header
+from qtwist.periodic import Periodic
 from qtwist.policy import channel_for, split_address
 from qtwist.queue import BOUNCED, DELIVERED, FAILED, PENDING, Queue, QueuedMessage
 from qtwist.queue.admin import take_flush_request, take_removal_requests
@@ -132,8 +132,8 @@ class Scheduler(Service):
         self._sequence = itertools.count()
         self._deliveries = itertools.count(1)
         self._timer = None
-        self._poller: LoopingCall | None = None
-        self._polling_failed = False
+        self._poller = Periodic("queue requests: looking at queue/rm/, queue/flush and queue/todo/",
+                                self._poll_requests, POLL_INTERVAL, clock, now=True)
         self._pickup: Deferred | None = None
         self._cached_bytes = 0
         self._removed: set[int] = set()
@@ -154,10 +154,7 @@ class Scheduler(Service):
         # A big queue is many long-lived objects: keep the garbage collector
         # from walking all of them again and again while mail flows.
         gc.freeze()
-        self._poller = LoopingCall(self._poll_requests)
-        self._poller.clock = self.clock
-        self._poller.start(POLL_INTERVAL, now=False)
-        self._pick_up()
+        self._poller.startService()
         self._pump()
 
     def stopService(self) -> Deferred:
@@ -165,8 +162,8 @@ class Scheduler(Service):
         results (as qmail-send's exitasap does), then close the queue.  One that
         outlasts STOP_GRACE is retried after the next start."""
         super().stopService()
-        if self._poller is not None and self._poller.running:
-            self._poller.stop()
+        if self._poller.running:
+            self._poller.stopService()
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
         return Deferred.fromCoroutine(self._stop())
@@ -297,44 +294,35 @@ class Scheduler(Service):
         self._arm_timer()
         self._pump()
 
-    def _poll_requests(self) -> None:
-        """The once-a-second look at queue/rm/, queue/flush and queue/todo/.
-        It must keep ticking whatever happens (a LoopingCall that raises stops
-        for good), so trouble is logged once, and once more when it is over."""
-        try:
-            for message_id in take_removal_requests(self.queue.dir):
-                message = self.queue.messages.get(message_id)
-                if message is not None and message_id not in self._removed:
-                    self._removed.add(message_id)
-                    self.log(f"removed msg {message_id} by request")
-                    self._track(self._end(message, "removed"), f"removing msg {message_id}")
-            if take_flush_request(self.queue.dir):
-                self.log("flush: retrying every deferred delivery now")
-                self.flush()
-            self._pick_up()
-        except Exception:
-            if not self._polling_failed:
-                log.failure("queue requests: looking at queue/rm, queue/flush and queue/todo failed; "
-                            "trying again every second")
-            self._polling_failed = True
-            return
-        if self._polling_failed:
-            log.info("queue requests: looking at the queue's request directories works again")
-            self._polling_failed = False
+    def _poll_requests(self) -> Deferred | None:
+        """The look at queue/rm/, queue/flush and queue/todo/, at start and
+        once a second."""
+        for message_id in take_removal_requests(self.queue.dir):
+            message = self.queue.messages.get(message_id)
+            if message is not None and message_id not in self._removed:
+                self._removed.add(message_id)
+                self.log(f"removed msg {message_id} by request")
+                self._track(self._end(message, "removed"), f"removing msg {message_id}")
+        if take_flush_request(self.queue.dir):
+            self.log("flush: retrying every deferred delivery now")
+            self.flush()
+        if self._pickup is None and self.running:
+            # The next look waits for this pickup, and its failure is the look's.
+            self._pickup = Deferred.fromCoroutine(self._pick_up())
+            return self._pickup.addBoth(self._pickup_ended)
+        return None
 
     # -- messages from qtwist sendmail ------------------------------------------------
 
-    def _pick_up(self) -> None:
-        """Queue what ``qtwist sendmail`` left in todo/, one batch at a time."""
-        if self._pickup is None and self.running:
-            self._pickup = Deferred.fromCoroutine(self._take_todo())
-            self._pickup.addErrback(lambda failure: log.failure("sendmail pickup failed", failure))
-            self._pickup.addBoth(self._pickup_ended)
-
-    def _pickup_ended(self, again: bool | None) -> None:
+    def _pickup_ended(self, result: object) -> object:
         self._pickup = None
-        if again:
-            self._pick_up()
+        return result
+
+    async def _pick_up(self) -> None:
+        """Queue what ``qtwist sendmail`` left in todo/, a batch at a time, so a
+        flood of injections never holds much memory at once."""
+        while await self._take_todo():
+            pass
 
     async def _take_todo(self) -> bool:
         """qmail-queue's work for injected messages: each todo/ file is removed

@@ -4,6 +4,7 @@ reactor never waits on it at all."""
 
 from __future__ import annotations
 
+import errno
 import os
 import queue as threadqueue
 import threading
@@ -73,10 +74,16 @@ class Writer(threading.Thread):
                     break
             stopping = None in batch
             writes = [item for item in batch if isinstance(item, Write)]
-            sealed = self._write_batch(writes) if writes else []
-            for item in batch:
-                if isinstance(item, Segment):
-                    self._unlink(item)
+            try:
+                sealed = self._write_batch(writes) if writes else []
+                for item in batch:
+                    if isinstance(item, Segment):
+                        self._unlink(item)
+            except Exception as error:  # a bug must not stop the writer: every session waiting hears of it
+                log.failure("queue: the writer failed; the records of this batch are not written")
+                sealed = []
+                for write in writes:
+                    write.error = write.error or OSError(errno.EIO, f"internal error ({error!r})")
             if writes:
                 self.reactor.callFromThread(self.committed, writes, sealed)
             if stopping:
@@ -103,6 +110,8 @@ class Writer(threading.Thread):
             os.unlink(segment.path)
         except FileNotFoundError:
             pass
+        except OSError as error:  # it stays: recovery at the next start finds only ended messages in it
+            log.error("queue: cannot remove {path}: {why}", path=str(segment.path), why=error.strerror)
 
     def _activate(self) -> tuple[Segment, Segment | None]:
         """The segment new messages go to, and the one just retired if full."""
@@ -129,7 +138,11 @@ class Writer(threading.Thread):
                 write.segment = segment
             segment = write.segment
             if segment.fd is None:
-                segment.fd = os.open(segment.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+                try:
+                    segment.fd = os.open(segment.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+                except OSError as error:  # out of descriptors, say: this record fails, the next batch tries again
+                    write.error = error
+                    continue
                 created = True
             write.offset = segment.size
             segment.size += len(write.data)

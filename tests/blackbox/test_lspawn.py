@@ -138,6 +138,32 @@ class LocalSpawnTests(TestCase):
         self.assertEqual(outcome.kind, "success")
         self.assertEqual(len(self.mailbox()), 1)
 
+    async def test_a_child_that_cannot_be_started_is_tried_again(self) -> None:
+        class OutOfProcesses:
+            """The reactor, but its first spawnProcess fails as fork() does when out of processes."""
+
+            def __init__(self) -> None:
+                self.failed = False
+
+            def spawnProcess(self, *args, **kwargs):
+                if not self.failed:
+                    self.failed = True
+                    raise BlockingIOError(errno.EAGAIN, "Resource temporarily unavailable")
+                return reactor.spawnProcess(*args, **kwargs)
+
+            def __getattr__(self, name):
+                return getattr(reactor, name)
+
+        spawn = LocalSpawn(OutOfProcesses(), self.home)
+        spawn.start()
+        self.addCleanup(spawn.stop)
+        message = await self.queued()
+        outcome = await spawn.deliver(message, f"alice@{DOMAIN}")
+        self.assertEqual((outcome.kind, outcome.text), ("deferral", lspawn.NO_CHILD))
+        await self.wait_for(lambda: spawn._child is not None, "the second try to start the child")
+        outcome = await spawn.deliver(message, f"alice@{DOMAIN}")
+        self.assertEqual(outcome.kind, "success")
+
     async def test_interrupt_and_terminate_signals_leave_the_child_running(self) -> None:
         pid = self.child_pid()
         message = await self.queued()
