@@ -82,6 +82,11 @@ class Settings:
     timeoutconnect: int = 60
     timeoutremote: int = 1200
     timeoutsmtpd: int = 1200
+    timeoutpop3d: int = 600
+    concurrencyincoming: int = 500
+    concurrencyperip: int = 20
+    pop3concurrencyincoming: int = 500
+    pop3concurrencyperip: int = 20
     helohost: str = ""
     smtproutes: tuple[Route, ...] = ()
     spfbehavior: int = 0
@@ -365,7 +370,17 @@ CONTROLS: tuple[Control, ...] = (
             "seconds to wait for a remote SMTP server to accept a connection"),
     Control("timeoutremote", "timeoutremote", _number, "seconds to wait for each reply of a remote SMTP server"),
     Control("timeoutsmtpd", "timeoutsmtpd", _number,
-            "seconds an SMTP client may stay silent before 451 and goodbye"),
+            "seconds an SMTP client may go without a whole command or message line before 451 and goodbye"),
+    Control("timeoutpop3d", "timeoutpop3d", _number,
+            "seconds a POP3 client may go without a whole command before -ERR and goodbye"),
+    Control("concurrencyincoming", "concurrencyincoming", _number,
+            "SMTP connections at once over smtp, submission and smtps; 0: no limit"),
+    Control("concurrencyperip", "concurrencyperip", _number,
+            "SMTP connections at once from one address (IPv6: a /64); tcp.smtp MAXCONNIP wins; 0: none"),
+    Control("pop3concurrencyincoming", "pop3concurrencyincoming", _number,
+            "POP3 connections at once over pop3 and pop3s; 0: no limit"),
+    Control("pop3concurrencyperip", "pop3concurrencyperip", _number,
+            "POP3 connections at once from one address (IPv6: a /64); 0: no limit"),
     Control("helohost", "helohost", _first_line, "the name given in EHLO/HELO to remote servers; default: me"),
     Control("smtproutes", "smtproutes", _smtproutes,
             "DOMAIN:RELAY[:PORT] lines: where mail for DOMAIN goes instead of its MX; ':RELAY' for all"),

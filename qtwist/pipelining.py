@@ -12,6 +12,10 @@ Reading stops for two reasons: a check is running and the client keeps
 sending ("input"), or the client does not read its replies and the
 transport's buffer is full ("output": the session is the transport's push
 producer), so no client can make the server hold more than a few buffers.
+
+The idle limit counts from the client's last whole line (a command, or a
+line of bulk data) or from the end of the server's own wait, whichever is
+later: a client that trickles bytes, or reads no replies, is dropped in time.
 """
 
 from __future__ import annotations
@@ -90,8 +94,11 @@ class PipeliningServer(Protocol):
         raise NotImplementedError
 
     def timed_out(self) -> None:
-        """The client was idle for ``idle_limit`` seconds with nothing running."""
+        """The client sent no whole line for ``idle_limit`` seconds while nothing ran."""
         raise NotImplementedError
+
+    def active(self) -> None:
+        """The client completed a line: a command, or a line of bulk data."""
 
     def failed(self) -> None:
         """A handler's Deferred failed (a bug: handlers answer their own errors);
@@ -127,6 +134,15 @@ class PipeliningServer(Protocol):
         self.timer = None
         self.timed_out()
 
+    def _hang_up(self, last_words: bytes) -> None:
+        """Say ``last_words`` and close; a client that reads nothing more is cut off
+        at once, since the words would only wait in a full buffer."""
+        if "output" in self.reading_stopped:
+            self.transport.abortConnection()
+            return
+        self.transport.write(last_words)
+        self._close()
+
     @property
     def disconnecting(self) -> bool:
         return bool(getattr(self.transport, "disconnecting", False))
@@ -134,7 +150,11 @@ class PipeliningServer(Protocol):
     # -- input ----------------------------------------------------------------------------
 
     def dataReceived(self, data: bytes) -> None:
-        self.last_activity = self.clock.seconds()
+        # Only a whole line counts as activity: a client that trickles a byte
+        # at a time still meets the idle limit.
+        if b"\n" in data:
+            self.last_activity = self.clock.seconds()
+            self.active()
         if self.busy:
             self.buffer += data
             if len(self.buffer) - self.offset > MAX_LINE * 16:

@@ -42,7 +42,9 @@ from twisted.protocols.policies import TimeoutMixin
 from zope.interface import implementer
 
 from qtwist import maildir
+from qtwist.descriptors import DescriptorBudget
 from qtwist.grants import Grants
+from qtwist.limits import Admission, pop3_limits
 from qtwist.login import NO_IP, APOPCredentials, Logins, PlainCredentials, Refusal, client_address
 from qtwist.tls import can_upgrade, is_encrypted
 from qtwist.users import User
@@ -52,7 +54,6 @@ if TYPE_CHECKING:
 
 _log = Logger()
 
-IDLE_TIMEOUT = 600  # RFC 1939 §3: at least 10 minutes
 CLOSE_GRACE = 30  # how long a client gets to finish closing before the connection is cut
 # RFC 2449 allows 255 octets a command; some clients send longer passwords.
 MAX_COMMAND_LENGTH = 1024
@@ -300,6 +301,10 @@ class POP3Server(LineReceiver, TimeoutMixin):
         self._gone = False
         self._closing = False
         self._sending = False  # a message is being streamed
+        # Why reading stops: a command runs ("command"), or the client does not
+        # read its replies and the transport's buffer is full ("output").
+        self._held: set[str] = set()
+        self.last_activity = 0.0
         self._lock_key: str | None = None
         self._maildir: Path | None = None
         self._messages: list[Message] = []
@@ -326,6 +331,17 @@ class POP3Server(LineReceiver, TimeoutMixin):
 
     def connectionMade(self) -> None:
         self._client_ip = client_address(self.transport)
+        # One snapshot per session: a reload never changes the rules halfway through a login.
+        self._settings = self.factory.settings()
+        self.last_activity = self.factory.clock.seconds()
+        refused = self.factory.admission.admit(self, self._client_ip, pop3_limits(self._settings),
+                                               self.last_activity)
+        if refused is not None:
+            self._reply(f"-ERR [SYS/TEMP] {refused}")
+            self.transport.loseConnection()
+            self._gone = True
+            return
+        self.transport.registerProducer(self, True)
         # True for implicit TLS (pop3s); STLS sets it later.
         self._encrypted = is_encrypted(self.transport)
         # Replies are lock-step: Nagle's algorithm would hold a reply's last small piece
@@ -334,9 +350,7 @@ class POP3Server(LineReceiver, TimeoutMixin):
         no_delay = getattr(self.transport, "setTcpNoDelay", None)
         if no_delay is not None:
             no_delay(True)
-        self.setTimeout(self.factory.idle_timeout)
-        # One snapshot per session: a reload never changes the rules halfway through a login.
-        self._settings = self.factory.settings()
+        self.setTimeout(self._settings.timeoutpop3d)
         # The APOP timestamp: a msg-id unique to this greeting (RFC 1939 §7).
         me = self._settings.me
         self._timestamp = f"<{os.getpid()}.{secrets.token_hex(8)}.{int(self.factory.clock.seconds())}@{me}>"
@@ -345,19 +359,56 @@ class POP3Server(LineReceiver, TimeoutMixin):
     def connectionLost(self, reason: object = None) -> None:
         self._gone = True
         self.setTimeout(None)
+        self.factory.admission.release(self)
+        if self.factory.budget is not None:
+            self.factory.budget.closed()
         if self._state != UPDATE:  # QUIT releases the lock once its deletions are done
             self._release_lock()
 
     def timeoutConnection(self) -> None:
-        if self._closing or self._sending:
-            # It never read our last bytes, or never answered a TLS close: cut it.
-            # In the middle of a message a reply would land inside the message,
-            # which must rather look unfinished.
+        self._hang_up("-ERR autologout time elapsed")
+
+    def evict(self) -> None:
+        """The server is full and this session has been silent the longest (limits.py)."""
+        self._hang_up("-ERR [SYS/TEMP] the server is full, closing an idle connection")
+
+    def _hang_up(self, last_words: str) -> None:
+        if self._closing or self._sending or "output" in self._held:
+            # It never read our last bytes, never answered a TLS close, or reads
+            # nothing any more: cut it.  In the middle of a message a reply would
+            # land inside the message, which must rather look unfinished.
             self.transport.abortConnection()
             return
-        self._reply("-ERR autologout time elapsed")
+        self._reply(last_words)
         self._close()
         self.setTimeout(CLOSE_GRACE)
+
+    @property
+    def busy(self) -> bool:
+        """A command runs: the session waits on the server, it is not idle."""
+        return "command" in self._held
+
+    # Flow control: IPushProducer for the transport, and a hold while a command runs.
+
+    def pauseProducing(self) -> None:
+        """The client does not read its replies: read and answer nothing more."""
+        self._hold("output")
+
+    def resumeProducing(self) -> None:
+        self._unhold("output")
+
+    def _hold(self, reason: str) -> None:
+        if not self._held:
+            LineReceiver.pauseProducing(self)
+        self._held.add(reason)
+
+    def _unhold(self, reason: str) -> None:
+        if reason not in self._held:
+            return
+        self._held.discard(reason)
+        # Reading resumes even when closing: a TLS close waits for the client's close_notify.
+        if not self._held and not self._gone:
+            LineReceiver.resumeProducing(self)
 
     def lineLengthExceeded(self, line: bytes) -> None:
         self._reply("-ERR line too long")
@@ -372,6 +423,8 @@ class POP3Server(LineReceiver, TimeoutMixin):
         if self._closing:
             return
         self.resetTimeout()
+        self.last_activity = self.factory.clock.seconds()
+        self.factory.admission.active(self)
         text = line.rstrip(b"\r").decode("utf-8", "surrogateescape")
         verb, _, argument = text.partition(" ")
         verb = verb.upper()
@@ -385,7 +438,7 @@ class POP3Server(LineReceiver, TimeoutMixin):
             return
         outcome = handler(argument)
         if inspect.iscoroutine(outcome):
-            self.pauseProducing()
+            self._hold("command")
             running = Deferred.fromCoroutine(outcome)
             running.addErrback(self._failed, verb)
             running.addBoth(self._next_command)
@@ -397,9 +450,7 @@ class POP3Server(LineReceiver, TimeoutMixin):
         self._reply("-ERR [SYS/TEMP] internal error, try again later")
 
     def _next_command(self, _: object) -> None:
-        # Reading resumes even when closing: a TLS close waits for the client's close_notify.
-        if not self._gone and self.paused:
-            self.resumeProducing()
+        self._unhold("command")
 
     def _reply(self, text: str) -> None:
         self.transport.write(text.encode("utf-8", "surrogateescape") + b"\r\n")
@@ -634,6 +685,9 @@ class POP3Server(LineReceiver, TimeoutMixin):
             chunks = top_chunks(chunks, body_lines)
         self._reply("+OK message follows")
         sender = MessageSender(handle, dot_stuffed(chunks), self.resetTimeout)
+        # The message paces itself (a pull producer) while it is sent.
+        self.transport.unregisterProducer()
+        self._held.discard("output")
         self._sending = True
         try:
             await sender.send(self.transport)
@@ -642,6 +696,7 @@ class POP3Server(LineReceiver, TimeoutMixin):
             return
         finally:
             self._sending = False
+        self.transport.registerProducer(self, True)
         if body_lines is None:
             message.retrieved = True
 
@@ -671,7 +726,8 @@ class POP3Factory(ServerFactory):
     """
 
     def __init__(self, *, logins: Logins, grants: Grants, settings: Callable[[], "Settings"],
-                 tls_options: object | None = None, clock: IReactorTime | None = None) -> None:
+                 tls_options: object | None = None, clock: IReactorTime | None = None,
+                 budget: DescriptorBudget | None = None) -> None:
         if clock is None:
             from twisted.internet import reactor as clock
         self.logins = logins
@@ -679,10 +735,13 @@ class POP3Factory(ServerFactory):
         self.settings = settings
         self.tls_options = tls_options
         self.clock = clock
-        self.idle_timeout: float = IDLE_TIMEOUT
+        self.admission = Admission()  # pop3concurrency* count the pop3 and pop3s listeners together
+        self.budget = budget
         self._locked: set[str] = set()
 
     def buildProtocol(self, addr: object) -> POP3Server:
+        if self.budget is not None:
+            self.budget.opened()
         return POP3Server(self)
 
     def lock(self, key: str) -> bool:

@@ -17,6 +17,7 @@ from twisted.logger import Logger
 from twisted.python import usage
 
 from qtwist.control import LISTENER_NAMES, ControlWatcher
+from qtwist.descriptors import RESERVE, DescriptorBudget, check_limits, raise_soft_limit, with_backlog
 from qtwist.grants import Grants, GrantsCleaner
 from qtwist.hooks import Hooks, PluginContext, installed_plugins
 from qtwist.lspawn import LocalSpawn
@@ -26,6 +27,7 @@ from qtwist.remote import RemoteDelivery, opportunistic_tls
 from qtwist.resolver import Lookups
 from qtwist.send import Scheduler
 from qtwist.smtpd import SMTPFactory
+from qtwist.limits import Admission
 from qtwist.login import FailureThrottle, Logins, mail_portal
 from qtwist.tls import ImplicitTLSFactory, ServerTLS, make_self_signed
 from qtwist.users import UserDB
@@ -110,6 +112,10 @@ def makeService(options: Options) -> MultiService:
     top = MultiService()
     control = ControlWatcher(home)
     control.setServiceParent(top)
+    soft, hard = raise_soft_limit()
+    threads = reactor.getThreadPool().max
+    budget = DescriptorBudget(soft, lambda: RESERVE + control.settings.concurrencyremote + threads)
+    check_limits(budget, control.settings.concurrencyincoming, control.settings.pop3concurrencyincoming, hard)
     users = UserDB(home)
     grants = Grants(home)
     GrantsCleaner(grants, lambda: control.settings).setServiceParent(top)
@@ -139,22 +145,25 @@ def makeService(options: Options) -> MultiService:
                                                  control.settings.authfailblock))
     smtp_logins = Logins("smtpd", mail_portal(users, "smtp"), throttle, reactor)
 
+    smtp_admission = Admission()  # concurrencyincoming counts every SMTP listener together
+
     def smtp_factory(submission: bool) -> SMTPFactory:
         return SMTPFactory(settings=lambda: control.settings, rules=lambda: control.rules, queue=queue,
                            queued=scheduler.submit, clock=reactor, grants=grants, submission=submission,
                            tls=server_tls, logins=smtp_logins, hooks=hooks,
-                           plugin_context=plugin_context)
+                           plugin_context=plugin_context, admission=smtp_admission, budget=budget)
 
     submission = smtp_factory(submission=True)
     pop3 = POP3Factory(logins=Logins("pop3d", mail_portal(users, "pop3"), throttle, reactor), grants=grants,
-                       settings=lambda: control.settings, tls_options=server_tls, clock=reactor)
+                       settings=lambda: control.settings, tls_options=server_tls, clock=reactor, budget=budget)
     factories = {"smtp": smtp_factory(submission=False), "submission": submission, "pop3": pop3,
                  # Port 465 is submission with TLS from the first byte (RFC 8314).
                  "smtps": ImplicitTLSFactory(server_tls, submission, "smtps"),
                  "pop3s": ImplicitTLSFactory(server_tls, pop3, "pop3s")}
     for name, factory in factories.items():
         for endpoint in endpoints[name]:
-            service = StreamServerEndpointService(serverFromString(reactor, endpoint), factory)
+            listening = budget.endpoint(serverFromString(reactor, with_backlog(endpoint)))
+            service = StreamServerEndpointService(listening, factory)
             service.setName(f"{name} {endpoint}")
             service.setServiceParent(top)
     return top

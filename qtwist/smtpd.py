@@ -23,7 +23,9 @@ from twisted.logger import Logger
 
 from qtwist import sasl
 from qtwist.control import Settings
+from qtwist.descriptors import DescriptorBudget
 from qtwist.hooks import Answer, Hooks, PluginContext, Session
+from qtwist.limits import Admission, smtp_limits
 from qtwist.login import Logins, Refusal, client_address
 from qtwist.pipelining import PipeliningServer, write_now
 from qtwist.policy import ClientInfo, bad_mail_from, bad_rcpt_to, rcpt_allowed, with_default_host
@@ -198,6 +200,13 @@ class SMTPServer(PipeliningServer):
             log.info("smtpd: {ip} denied by tcp.smtp rule {key!r}", ip=ip, key=rule.key)
             self.transport.abortConnection()
             return
+        self.last_activity = self.clock.seconds()
+        refused = self.factory.admission.admit(self, ip, smtp_limits(rule.env, self.settings), self.last_activity)
+        if refused is not None:
+            # One line, no session: a flood of these must cost next to nothing (not even a log line).
+            self.transport.write(f"421 {self.settings.me} {refused} (#4.7.0)\r\n".encode("latin-1", "replace"))
+            self.transport.loseConnection()
+            return
         grant = rule.key != ip and self.factory.has_grant(ip, self.settings)
         self.client = ClientInfo(ip, dict(rule.env), pop_grant=grant)
         self.start(self.settings.timeoutsmtpd)
@@ -226,8 +235,20 @@ class SMTPServer(PipeliningServer):
         self.out.append(b"500 line too long (#5.5.2)\r\n")
 
     def timed_out(self) -> None:
-        self.transport.write(b"451 timeout (#4.4.2)\r\n")
-        self._close()
+        self._hang_up(b"451 timeout (#4.4.2)\r\n")
+
+    def active(self) -> None:
+        self.factory.admission.active(self)
+
+    def evict(self) -> None:
+        self._hang_up(f"421 {self.settings.me} the server is full, closing an idle connection (#4.4.2)\r\n"
+                      .encode("latin-1", "replace"))
+
+    def connectionLost(self, reason=None) -> None:
+        super().connectionLost(reason)
+        self.factory.admission.release(self)
+        if self.factory.budget is not None:
+            self.factory.budget.closed()
 
     def failed(self) -> None:
         self.out.append(b"451 internal error, try again later (#4.3.0)\r\n")
@@ -583,7 +604,13 @@ class SMTPFactory(Factory):
 
     def __init__(self, *, settings: Callable[[], Settings], rules, queue, queued: Callable,
                  clock, grants=None, submission: bool = False, tls=None, logins: Logins | None = None,
-                 hooks: Hooks | None = None, plugin_context: PluginContext | None = None):
+                 hooks: Hooks | None = None, plugin_context: PluginContext | None = None,
+                 admission: Admission | None = None, budget: DescriptorBudget | None = None):
+        """``admission`` counts the sessions against the connection limits; the
+        SMTP listeners (smtp, submission, smtps) share one.  ``budget`` counts
+        every connection against the process's descriptors."""
+        self.admission = admission if admission is not None else Admission()
+        self.budget = budget
         self.hooks = hooks
         self.plugin_context = plugin_context
         self.submission = submission
@@ -600,4 +627,6 @@ class SMTPFactory(Factory):
         return self.grants is not None and self.grants.is_live(ip, settings.relaygrantlifetime)
 
     def buildProtocol(self, addr) -> SMTPServer:
+        if self.budget is not None:
+            self.budget.opened()
         return SMTPServer(self)

@@ -151,6 +151,9 @@ class _AfterHandshake(ProtocolWrapper, TimeoutMixin):
         self.setTimeout(None)
         if self.wrappedProtocol.transport is None:  # the handshake never finished
             self.factory.unregisterProtocol(self)
+            # The session never started, but it was built: it must know it is over
+            # (it counts against the descriptors from the moment it was built).
+            self.wrappedProtocol.connectionLost(reason)
             return
         super().connectionLost(reason)
 

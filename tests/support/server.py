@@ -21,6 +21,7 @@ import socket
 import subprocess
 import sys
 from pathlib import Path
+from typing import Callable
 
 from tests.support.home import Home, child_environment
 from tests.support.smtpclient import greeted
@@ -71,11 +72,13 @@ class Server:
         every = (self.port, self.submission_port, self.smtps_port, self.pop3_port, self.pop3s_port)
         return [port for port in every if port is not None]
 
-    def start(self, timeout: float = START_DEADLINE) -> Server:
+    def start(self, timeout: float = START_DEADLINE, preexec_fn: Callable[[], None] | None = None) -> Server:
+        """Start twistd and wait until every listener accepts; ``preexec_fn`` runs
+        in the child before exec (to lower its resource limits, say)."""
         with open(self.log_path, "ab") as log:
             self.process = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT,
                                             stdin=subprocess.DEVNULL, cwd=self.home.path,
-                                            env=child_environment(self.extra_path))
+                                            env=child_environment(self.extra_path), preexec_fn=preexec_fn)
 
         def started() -> bool:
             if self.process.poll() is not None:

@@ -85,9 +85,7 @@ class Echo(PipeliningServer):
 
     def timed_out(self) -> None:
         self.timeouts += 1
-        self.out.append(b"421 timeout\r\n")
-        self._flush()
-        self._close()
+        self._hang_up(b"421 timeout\r\n")
 
 
 def connect() -> tuple[Echo, StringTransport, task.Clock]:
@@ -270,12 +268,34 @@ def test_data_restarts_the_idle_time():
     assert server.timeouts == 1
 
 
-def test_a_partial_line_counts_as_activity():
+def test_a_client_that_trickles_bytes_without_ending_a_line_still_times_out():
     server, _, clock = connect()
+    for byte in b"NOOP":
+        clock.advance(IDLE / 5)
+        server.dataReceived(bytes([byte]))
+    clock.advance(IDLE / 5)
+    assert server.timeouts == 1
+    assert server.lines == []
+
+
+def test_a_line_of_bulk_data_counts_as_activity():
+    server, _, clock = connect()
+    server.dataReceived(b"DATA\r\n")
     clock.advance(IDLE - 1)
-    server.dataReceived(b"no")
+    server.dataReceived(b"a line of the message\r\n")
     clock.advance(IDLE - 1)
     assert server.timeouts == 0
+    server.dataReceived(b"half a line")
+    clock.advance(1)
+    assert server.timeouts == 1
+
+
+def test_a_client_that_reads_no_replies_is_cut_off_at_the_timeout():
+    server, transport, clock = connect()
+    server.pauseProducing()  # the transport's buffer is full: the client reads nothing
+    server.dataReceived(b"NOOP\r\n")
+    clock.advance(IDLE)
+    assert transport.disconnected
 
 
 def test_no_timeout_while_a_handler_is_busy_and_the_idle_time_starts_when_it_is_done():

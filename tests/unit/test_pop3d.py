@@ -647,7 +647,7 @@ class POP3SessionTests(POP3TestCase):
         self.assertTrue(client.closed)
 
     async def test_idle_session_is_logged_out_after_the_idle_timeout(self) -> None:
-        idle = self.rig.factory.idle_timeout
+        idle = self.home.settings.timeoutpop3d
         client = await self.login()
         self.home.clock.advance(idle - 1)
         self.assertEqual(await client.ask("NOOP"), OK)  # activity starts the wait again
@@ -664,7 +664,7 @@ class POP3SessionTests(POP3TestCase):
         client.send("RETR 1\r\n")
         await wait_for(lambda: client.transport.producer is not None, "the message to start")
         client.transport.producer.resumeProducing()  # the client reads one chunk, then no more
-        self.home.clock.advance(self.rig.factory.idle_timeout)
+        self.home.clock.advance(self.home.settings.timeoutpop3d)
         self.assertTrue(client.transport.disconnected)
         self.assertNotIn(b"-ERR", client.output)
         self.assertFalse(client.output.endswith(b"\r\n.\r\n"))
