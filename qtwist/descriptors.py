@@ -7,7 +7,9 @@ never take the last ones: queue segments, control reloads, DNS look-ups,
 remote deliveries, TLS and the local delivery child's pipes need theirs.
 At the budget the listeners stop accepting, so new clients wait in the
 kernel's listen backlog instead of meeting EMFILE, and they start again as
-soon as a connection ends.
+soon as connections end.  A listener accepts many connections in one go
+before it notices (Twisted's accept loop), so past the budget and half the
+reserve a connection is closed at once, which frees its descriptor.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import resource
 from typing import Callable
 
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IListeningPort, IStreamServerEndpoint
+from twisted.internet.interfaces import IListeningPort, IReactorTime, IStreamServerEndpoint
 from twisted.logger import Logger
 from zope.interface import implementer
 
@@ -28,6 +30,8 @@ RESERVE = 128
 # Listen backlog unless the endpoint says otherwise: a burst of connects waits
 # in the kernel rather than being refused (Twisted's default is 50).
 BACKLOG = 1024
+# Under a flood the budget is met again and again: one line a minute says so.
+LOG_EVERY = 60.0
 
 
 def raise_soft_limit() -> tuple[int, int]:
@@ -54,37 +58,50 @@ class DescriptorBudget:
     """Counts the connections of every listener and pauses them all at the budget.
 
     ``reserve`` gives the descriptors to keep free as now configured.
-    Factories call ``opened`` for each connection they build a protocol for,
-    and the protocol calls ``closed`` once when it ends.
+    Factories call ``opened`` for each connection they build a protocol for
+    (and build none when it says no), and the protocol calls ``closed`` once
+    when it ends.
     """
 
-    def __init__(self, limit: int, reserve: Callable[[], int]) -> None:
+    def __init__(self, limit: int, reserve: Callable[[], int], clock: IReactorTime) -> None:
         self.limit = limit
         self.reserve = reserve
+        self.clock = clock
         self.open = 0
         self._ports: list[IListeningPort] = []
         self._paused = False
+        self._pauses = 0  # since the last line about them
+        self._said_at: float | None = None
 
     @property
     def budget(self) -> int:
         return max(1, self.limit - self.reserve())
 
-    def opened(self) -> None:
+    def opened(self) -> bool:
+        """Count a new connection; False, counting nothing, when it must be
+        closed at once (half the reserve is gone too)."""
+        if self.open >= self.budget + self.reserve() // 2:
+            return False
         self.open += 1
         if self.open >= self.budget and not self._paused:
             self._paused = True
-            log.warn("descriptors: {open} client connections reach the budget of {budget} (of {limit} "
-                     "descriptors, the rest kept for the server's own work); new clients wait in the listen "
-                     "backlog until one ends", open=self.open, budget=self.budget, limit=self.limit)
+            self._pauses += 1
             for port in self._ports:
                 port.stopReading()
+            now = self.clock.seconds()
+            if self._said_at is None or now - self._said_at >= LOG_EVERY:
+                log.warn("descriptors: {open} client connections reach the budget of {budget} (of {limit} "
+                         "descriptors, the rest kept for the server's own work); new clients wait in the "
+                         "listen backlog until some end ({pauses} time(s) since the last such line)",
+                         open=self.open, budget=self.budget, limit=self.limit, pauses=self._pauses)
+                self._said_at, self._pauses = now, 0
+        return True
 
     def closed(self) -> None:
         self.open -= 1
-        if self._paused and self.open < self.budget:
+        # A little below the budget first, so a flood does not pause and resume every connection.
+        if self._paused and self.open < self.budget - max(1, self.budget // 20):
             self._paused = False
-            log.info("descriptors: below the budget again ({open} client connections); accepting",
-                     open=self.open)
             for port in self._ports:
                 port.startReading()
 

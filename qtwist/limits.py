@@ -7,10 +7,13 @@ easily owns a whole /64) and by its network (an IPv4 /24, an IPv6 /48).
 Past a limit the new connection is refused with one line and closed.
 
 At the total limit the server is full, typically of clients that connect and
-say nothing.  Then a new connection takes the place of the session that has
-been silent the longest, if that is at least ``EVICT_IDLE`` seconds: an idle
-flood cannot lock well-behaved clients out, while a session that talks (a
-command, a line of its message) or waits on the server is never dropped.
+say nothing.  Then a new connection takes the place of another session,
+which gets a 421 and is closed: first the session silent the longest, if
+that is at least ``EVICT_IDLE`` seconds; else, so that a few addresses
+cannot keep every slot, a session that has not said a word yet from the
+address holding the most sessions, when that is at least two more than the
+newcomer's.  A session that waits on the server is never dropped, nor one
+that talks (a command, a line of its message) unless it fell silent.
 """
 
 from __future__ import annotations
@@ -90,10 +93,11 @@ class Admission:
     """The sessions of one service (all SMTP listeners, or POP3) and their counts."""
 
     def __init__(self) -> None:
-        # Oldest activity first: the first session not busy is the one to evict.
+        # Oldest activity first, over all sessions and per address.
         self._sessions: OrderedDict[Session, tuple[str, str]] = OrderedDict()
-        self._by_address: Counter[str] = Counter()
+        self._by_address: dict[str, OrderedDict[Session, None]] = {}
         self._by_network: Counter[str] = Counter()
+        self._talked: set[Session] = set()
 
     def __len__(self) -> int:
         return len(self._sessions)
@@ -101,21 +105,25 @@ class Admission:
     def admit(self, session: Session, ip: str, limits: Limits, now: float) -> str | None:
         """Count ``session`` in, or say why not (the reply's text)."""
         address, network = keys = client_keys(ip)
-        if limits.per_address is not None and self._by_address[address] >= limits.per_address:
+        held = len(self._by_address.get(address, ()))
+        if limits.per_address is not None and held >= limits.per_address:
             return TOO_MANY_FROM_ADDRESS
         if limits.per_network is not None and self._by_network[network] >= limits.per_network:
             return TOO_MANY_FROM_NETWORK
-        if limits.total is not None and len(self._sessions) >= limits.total and not self._make_room(now):
+        if limits.total is not None and len(self._sessions) >= limits.total and not self._make_room(held, now):
             return TOO_MANY
         self._sessions[session] = keys
-        self._by_address[address] += 1
+        self._by_address.setdefault(address, OrderedDict())[session] = None
         self._by_network[network] += 1
         return None
 
     def active(self, session: Session) -> None:
         """``session`` talked: it goes to the back of the eviction line."""
-        if session in self._sessions:
+        keys = self._sessions.get(session)
+        if keys is not None:
             self._sessions.move_to_end(session)
+            self._by_address[keys[0]].move_to_end(session)
+            self._talked.add(session)
 
     def release(self, session: Session) -> None:
         """``session`` ended (or was evicted): it no longer counts."""
@@ -123,17 +131,31 @@ class Admission:
         if keys is None:
             return
         address, network = keys
-        for counter, key in ((self._by_address, address), (self._by_network, network)):
-            counter[key] -= 1
-            if not counter[key]:
-                del counter[key]
+        sessions = self._by_address[address]
+        del sessions[session]
+        if not sessions:
+            del self._by_address[address]
+        self._by_network[network] -= 1
+        if not self._by_network[network]:
+            del self._by_network[network]
+        self._talked.discard(session)
 
-    def _make_room(self, now: float) -> bool:
+    def _make_room(self, newcomer_holds: int, now: float) -> bool:
         for position, session in enumerate(self._sessions):
             if position >= EVICT_SCAN or now - session.last_activity < EVICT_IDLE:
-                return False
+                break
             if not session.busy:
-                self.release(session)
-                session.evict()
-                return True
+                return self._evict(session)
+        fullest = max(self._by_address.values(), key=len)
+        if len(fullest) >= newcomer_holds + 2:
+            for position, session in enumerate(fullest):
+                if position >= EVICT_SCAN:
+                    break
+                if not session.busy and session not in self._talked:
+                    return self._evict(session)
         return False
+
+    def _evict(self, session: Session) -> bool:
+        self.release(session)
+        session.evict()
+        return True

@@ -739,9 +739,9 @@ class POP3Factory(ServerFactory):
         self.budget = budget
         self._locked: set[str] = set()
 
-    def buildProtocol(self, addr: object) -> POP3Server:
-        if self.budget is not None:
-            self.budget.opened()
+    def buildProtocol(self, addr: object) -> POP3Server | None:
+        if self.budget is not None and not self.budget.opened():
+            return None
         return POP3Server(self)
 
     def lock(self, key: str) -> bool:

@@ -114,7 +114,7 @@ def makeService(options: Options) -> MultiService:
     control.setServiceParent(top)
     soft, hard = raise_soft_limit()
     threads = reactor.getThreadPool().max
-    budget = DescriptorBudget(soft, lambda: RESERVE + control.settings.concurrencyremote + threads)
+    budget = DescriptorBudget(soft, lambda: RESERVE + control.settings.concurrencyremote + threads, reactor)
     check_limits(budget, control.settings.concurrencyincoming, control.settings.pop3concurrencyincoming, hard)
     users = UserDB(home)
     grants = Grants(home)

@@ -626,7 +626,7 @@ class SMTPFactory(Factory):
     def has_grant(self, ip: str, settings: Settings) -> bool:
         return self.grants is not None and self.grants.is_live(ip, settings.relaygrantlifetime)
 
-    def buildProtocol(self, addr) -> SMTPServer:
-        if self.budget is not None:
-            self.budget.opened()
+    def buildProtocol(self, addr) -> SMTPServer | None:
+        if self.budget is not None and not self.budget.opened():
+            return None
         return SMTPServer(self)

@@ -158,14 +158,22 @@ class _AfterHandshake(ProtocolWrapper, TimeoutMixin):
         super().connectionLost(reason)
 
 
+class _AfterHandshakeFactory(WrappingFactory):
+    protocol = _AfterHandshake
+
+    def buildProtocol(self, addr):
+        """No wrapper when the session's factory builds no session (over the
+        descriptor budget, say): the connection is closed at once."""
+        wrapped = self.wrappedFactory.buildProtocol(addr)
+        return None if wrapped is None else self.protocol(self, wrapped)
+
+
 class ImplicitTLSFactory(TLSMemoryBIOFactory):
     """SMTPS/POP3S: TLS from the first byte; without a usable certificate a
     connection is closed at once (one log line, not a traceback per client)."""
 
     def __init__(self, server_tls: ServerTLS, wrapped, name: str):
-        after_handshake = WrappingFactory(wrapped)
-        after_handshake.protocol = _AfterHandshake
-        super().__init__(server_tls, False, after_handshake)
+        super().__init__(server_tls, False, _AfterHandshakeFactory(wrapped))
         self.server_tls = server_tls
         self.name = name
 
@@ -174,7 +182,8 @@ class ImplicitTLSFactory(TLSMemoryBIOFactory):
             log.warn("{name}: no usable control/servercert.pem; closed the connection from {peer}",
                      name=self.name, peer=getattr(addr, "host", addr))
             return None
-        return super().buildProtocol(addr)
+        after_handshake = self.wrappedFactory.buildProtocol(addr)
+        return None if after_handshake is None else self.protocol(self, after_handshake)
 
 
 def make_self_signed(path: Path, hostname: str) -> None:

@@ -133,6 +133,37 @@ def test_a_session_waiting_on_the_server_is_never_evicted():
     assert idle.evicted and not waiting.evicted
 
 
+def test_when_full_of_young_silent_sessions_the_address_holding_most_gives_one_up():
+    admission = Admission()
+    limits = Limits(total=4, per_address=None, per_network=None)
+    flood = [FakeSession(0.0) for _ in range(3)]
+    for session in flood:
+        admission.admit(session, "192.0.2.66", limits, 0.0)
+    other = FakeSession(0.0)
+    admission.admit(other, "192.0.2.7", limits, 0.0)
+    newcomer = FakeSession(0.1)
+    assert admission.admit(newcomer, "198.51.100.1", limits, 0.1) is None  # nobody silent for a second yet
+    assert [session.evicted for session in flood] == [True, False, False] and not other.evicted
+
+
+def test_a_session_that_talked_is_not_given_up_for_fairness():
+    admission = Admission()
+    limits = Limits(total=3, per_address=None, per_network=None)
+    talking = [FakeSession(0.0) for _ in range(3)]
+    for session in talking:
+        admission.admit(session, "192.0.2.66", limits, 0.0)
+        admission.active(session)
+    assert admission.admit(FakeSession(0.1), "198.51.100.1", limits, 0.1) == TOO_MANY
+
+
+def test_addresses_with_about_the_same_share_do_not_push_each_other_out():
+    admission = Admission()
+    limits = Limits(total=2, per_address=None, per_network=None)
+    admission.admit(FakeSession(0.0), "192.0.2.1", limits, 0.0)
+    admission.admit(FakeSession(0.0), "192.0.2.2", limits, 0.0)
+    assert admission.admit(FakeSession(0.1), "192.0.2.3", limits, 0.1) == TOO_MANY
+
+
 # -- the limits of one client -----------------------------------------------------------------------
 
 def test_smtp_limits_come_from_control_files_and_the_clients_tcp_smtp_rule():
