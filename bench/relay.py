@@ -51,7 +51,7 @@ from accept import _cpu as cpu_seconds
 from accept import qtwist, tool
 from tests.support.fakesmtp import FakeSMTP
 from tests.support.waiting import free_port, listening, poll
-from qtwist.queue.records import SEGMENT_LIMIT, Recipient, deferral_record, message_record
+from qtwist.queue.records import SEGMENT_LIMIT, Recipient, Records, queue_key
 
 SMTP_SINK = "/usr/sbin/smtp-sink"
 SENDER = "bench@source.test"
@@ -276,6 +276,7 @@ def fill_deferred_queue(home: Path, count: int, size: int, domain: str) -> float
     began = time.monotonic()
     seg_dir = home / "queue" / "seg"
     seg_dir.mkdir(parents=True)
+    records = Records(queue_key(home / "queue", create=True).key)
     now = time.time()
     body = message(f"waiting@{domain}", "deferred", size).replace(b"\r\n", b"\n")
     handle, written = None, SEGMENT_LIMIT
@@ -287,8 +288,8 @@ def fill_deferred_queue(home: Path, count: int, size: int, domain: str) -> float
             handle, written = open(seg_dir / f"{number:012d}", "wb"), 0
         born = now - random.uniform(600, 86400)
         recipient = Recipient(f"user{number}@{domain}")
-        record, _ = message_record(number, born, SENDER, [recipient], body)
-        record += deferral_record(number, 0, now + 86400 + random.uniform(0, 3600),
+        record, _ = records.message(number, born, SENDER, [recipient], body)
+        record += records.deferral(number, 0, now + 86400 + random.uniform(0, 3600),
                                   "Connected to 127.0.0.20 but sender was rejected./Remote host said: 450 later")
         handle.write(record)
         written += len(record)

@@ -10,7 +10,6 @@ relay control or a smarthost route back into a default.
 from __future__ import annotations
 
 import functools
-import ipaddress
 import os
 import signal
 import socket
@@ -25,6 +24,8 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
 from qtwist.fsutil import Signature, StatCache, stat_signature
+from qtwist.login import ip_literal
+from qtwist.numbers import MOST_DIGITS, decimal
 from qtwist.periodic import Periodic
 from qtwist.rules import Rules
 
@@ -238,9 +239,12 @@ def _host_name(where: str, entries: Entries) -> tuple[str, list[str]]:
 
 def _number(where: str, entries: Entries) -> tuple[int | None, list[str]]:
     number, text = entries[0]
-    if not (text.isascii() and text.isdigit()):
-        return None, [f"{where}:{number}: not a number: {text!r}"]
-    return int(text), []
+    value = decimal(text)
+    if value is not None:
+        return value, []
+    if text.isascii() and text.isdigit():
+        return None, [f"{where}:{number}: number too big (at most {MOST_DIGITS} digits)"]
+    return None, [f"{where}:{number}: not a number: {text[:40]!r}"]
 
 
 def _flag(where: str, entries: Entries) -> tuple[bool | None, list[str]]:
@@ -292,10 +296,8 @@ def _route(text: str) -> Route:
         if closing < 0:
             raise ValueError(f"unclosed '[' in the relay for {label}")
         host, after = rest[:closing + 1], rest[closing + 1:]
-        try:
-            ipaddress.ip_address(host[1:-1].removeprefix("IPv6:"))
-        except ValueError:
-            raise ValueError(f"bad IP literal in the relay for {label}") from None
+        if ip_literal(host, bare=False) is None:
+            raise ValueError(f"bad IP literal in the relay for {label}")
         if after and not after.startswith(":"):
             raise ValueError(f"unexpected text after the relay for {label}")
         port_text = after[1:]
@@ -306,9 +308,10 @@ def _route(text: str) -> Route:
         raise ValueError(f"unexpected text after the relay for {label} (authenticated routes are not supported)")
     if not port_text:
         return Route(domain, host, None)
-    if not (port_text.isascii() and port_text.isdigit()) or not 0 < int(port_text) < 65536:
+    port = decimal(port_text)
+    if port is None or not 0 < port < 65536:
         raise ValueError(f"bad port for {label} (expected 1-65535)")
-    return Route(domain, host, int(port_text))
+    return Route(domain, host, port)
 
 
 def _listeners(where: str, entries: Entries) -> tuple[tuple[tuple[str, str], ...], list[str]]:
@@ -429,7 +432,7 @@ def about(name: str) -> str:
 def _entries(text: str) -> Entries:
     """Non-blank, non-comment lines with their numbers, whitespace stripped."""
     entries = []
-    for number, raw in enumerate(text.splitlines(), 1):
+    for number, raw in enumerate(text.split("\n"), 1):
         line = raw.strip()
         if line and not line.startswith("#"):
             entries.append((number, line))

@@ -23,6 +23,8 @@ from collections import Counter, OrderedDict
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Mapping, Protocol
 
+from qtwist.numbers import decimal
+
 if TYPE_CHECKING:
     from qtwist.control import Settings
 
@@ -72,7 +74,7 @@ def pop3_limits(settings: Settings) -> Limits:
 
 def _count(text: str | None) -> int | None:
     """A MAXCONN* value; anything but a number counts as not set."""
-    return int(text) if text is not None and text.isascii() and text.isdigit() else None
+    return None if text is None else decimal(text)
 
 
 def client_keys(ip: str) -> tuple[str, str]:

@@ -23,6 +23,7 @@ import re
 import shlex
 import signal
 import stat
+import string
 import subprocess
 import time
 from dataclasses import dataclass, field
@@ -153,15 +154,18 @@ def _already_delivered(message: bytes, dtline: bytes) -> bool:
 
 # -- resolving the recipient ---------------------------------------------------------------
 
+_ASCII_LOWER = str.maketrans(string.ascii_uppercase, string.ascii_lowercase)
+
 
 def _dot_qmail_names(local: str) -> list[tuple[str, str | None]]:
     """qmail-local's search order for LOCAL, with the DEFAULT each name gives.
 
     ``a-b-c``: .qmail-a-b-c, .qmail-a-b-default, .qmail-a-default, .qmail-default.
-    The extension is lowercased and '.' becomes ':', as qmail-local does; a name
+    The extension is lowercased (ASCII only: a longer lower case would shift
+    every DEFAULT) and '.' becomes ':', as qmail-local does; a name
     that would hold '/' (a path out of the folder) is never tried.
     """
-    safe = local.lower().replace(".", ":")
+    safe = local.translate(_ASCII_LOWER).replace(".", ":")
     names: list[tuple[str, str | None]] = [(f".qmail-{safe}", None)]
     for cut in range(len(safe), -1, -1):
         if cut == 0 or safe[cut - 1] == "-":
@@ -239,7 +243,7 @@ def mailbox_check(home: Path, settings: Settings, users: IUserStore, recipient: 
         default = (domain_path / ".qmail-default").read_text("utf-8", "surrogateescape")
     except OSError:
         return "unknown"
-    if any(line.startswith("|") and _bounces_unknown_users(line[1:]) for line in default.splitlines()):
+    if any(line.startswith("|") and _bounces_unknown_users(line[1:]) for line in default.split("\n")):
         return "unknown"
     return "ok"
 
@@ -291,6 +295,8 @@ def _follow(delivery: _Delivery, path: Path, text: str, default: str | None,
         kind = line[0]
         if kind == "#":
             continue
+        if "\0" in line:  # no file name, address or command holds one
+            raise _Stop(Outcome.deferral(f"Uh-oh: line {number + 1} of .qmail file holds a NUL byte. (#4.2.1)"))
         if kind in "./":
             delivery.files += 1
             if forward_only:

@@ -54,6 +54,22 @@ def normal_ip(text: str) -> str:
     return address.compressed
 
 
+def ip_literal(host: str, *, bare: bool) -> str | None:
+    """The normal address in ``[1.2.3.4]`` / ``[IPv6:::1]`` (or a bare address when ``bare``)."""
+    if host.startswith("[") and host.endswith("]"):
+        text = host[1:-1]
+        if text[:5].lower() == "ipv6:":
+            text = text[5:]
+    elif bare:
+        text = host
+    else:
+        return None
+    try:
+        return normal_ip(text)
+    except ValueError:
+        return None
+
+
 def client_address(transport: object) -> str:
     """The connected client's IP, normalised; NO_IP when the transport has none."""
     host = getattr(transport.getPeer(), "host", None)  # type: ignore[attr-defined]

@@ -28,7 +28,7 @@ MAILDIRSIZE_STALE = 15 * 60
 INFO = ":2,"  # the info a name gets in cur/ (no flags yet)
 SEEN = "S"
 
-_SIZE_IN_NAME = re.compile(r",S=(\d+)")
+_SIZE_IN_NAME = re.compile(r",S=([0-9]{1,18})")
 # Unique names need the host name without '/' and ':' (the Maildir spec's escapes).
 _HOST = socket.gethostname().replace("/", "\\057").replace(":", "\\072")
 # next() on a count is atomic under the GIL: unique per process across threads.

@@ -46,6 +46,7 @@ from qtwist.descriptors import DescriptorBudget
 from qtwist.grants import Grants
 from qtwist.limits import Admission, pop3_limits
 from qtwist.login import NO_IP, APOPCredentials, Logins, PlainCredentials, Refusal, client_address
+from qtwist.numbers import decimal
 from qtwist.tls import can_upgrade, is_encrypted
 from qtwist.users import User
 
@@ -604,11 +605,10 @@ class POP3Server(LineReceiver, TimeoutMixin):
 
     def _message(self, argument: str) -> tuple[int, Message] | None:
         """The number and live message ``argument`` names, or None after replying -ERR."""
-        argument = argument.strip()
-        if not (argument.isascii() and argument.isdigit()):
+        number = decimal(argument.strip())
+        if number is None:
             self._reply("-ERR syntax error")
             return None
-        number = int(argument)
         if not 1 <= number <= len(self._messages):
             self._reply("-ERR no such message")
             return None
@@ -665,13 +665,13 @@ class POP3Server(LineReceiver, TimeoutMixin):
         return None if found is None else self._send(found[1], None)
 
     def do_TOP(self, argument: str) -> Outcome:
-        number, _, lines = argument.strip().partition(" ")
-        lines = lines.strip()
-        if not (lines.isascii() and lines.isdigit()):
+        number, _, lines_text = argument.strip().partition(" ")
+        lines = decimal(lines_text.strip())
+        if lines is None:
             self._reply("-ERR syntax error")
             return None
         found = self._message(number)
-        return None if found is None else self._send(found[1], int(lines))
+        return None if found is None else self._send(found[1], lines)
 
     async def _send(self, message: Message, body_lines: int | None) -> None:
         """RETR (``body_lines`` None) or TOP, streamed; a whole RETR will flag the message seen."""

@@ -36,7 +36,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from qtwist.delivery import IRemoteDelivery, Kind, Outcome
-from qtwist.login import normal_ip
+from qtwist.login import ip_literal, normal_ip
 from qtwist.resolver import Lookups
 
 if TYPE_CHECKING:
@@ -125,22 +125,6 @@ def this_host_addresses() -> set[str]:
     except OSError:
         pass
     return found
-
-
-def ip_literal(host: str, *, bare: bool) -> str | None:
-    """The address in ``[1.2.3.4]`` / ``[IPv6:::1]`` (or a bare address when ``bare``)."""
-    if host.startswith("[") and host.endswith("]"):
-        text = host[1:-1]
-        if text[:5].lower() == "ipv6:":
-            text = text[5:]
-    elif bare:
-        text = host
-    else:
-        return None
-    try:
-        return normal_ip(text)
-    except ValueError:
-        return None
 
 
 # -- qmail's tcpto --------------------------------------------------------------

@@ -14,6 +14,7 @@ from types import MappingProxyType
 from typing import Mapping
 
 from qtwist.login import normal_ip
+from qtwist.numbers import decimal
 
 _NO_ENV: Mapping[str, str] = MappingProxyType({})
 
@@ -54,7 +55,7 @@ class Rules:
         repeat environment values: tcp.smtp may carry secrets in them."""
         table: dict[str, Rule] = {}
         errors: list[str] = []
-        for number, raw in enumerate(text.splitlines(), 1):
+        for number, raw in enumerate(text.split("\n"), 1):
             line = raw.strip()
             if not line or line.startswith("#"):
                 continue
@@ -116,15 +117,16 @@ def _parse_line(line: str) -> tuple[list[str], Rule]:
 
 def _instruction_colon(line: str) -> int:
     """Where the key ends.  IPv6 keys hold colons themselves, so the separator is
-    the first colon that is followed by ``allow`` or ``deny``."""
-    if ":" not in line:
+    the first colon that is followed by ``allow`` or ``deny``; keys hold no
+    comma, so it comes before the environment values (which may hold colons)."""
+    rule = line.split(",", 1)[0]
+    if ":" not in rule:
         raise ValueError("missing ':' between the key and allow/deny")
-    position = line.find(":")
+    position = rule.find(":")
     while position >= 0:
-        word = line[position + 1:].split(",", 1)[0].strip().lower()
-        if word in ("allow", "deny"):
+        if rule[position + 1:].strip().lower() in ("allow", "deny"):
             return position
-        position = line.find(":", position + 1)
+        position = rule.find(":", position + 1)
     raise ValueError("expected allow or deny after the key")
 
 
@@ -184,7 +186,7 @@ def _ipv4_keys(key: str) -> list[str]:
     is_prefix = key.endswith(".")
     parts = (key[:-1] if is_prefix else key).split(".")
     if len(parts) > (3 if is_prefix else 4) or (not is_prefix and len(parts) < 4):
-        if not is_prefix and len(parts) < 4 and all(part.isascii() and part.isdigit() for part in parts):
+        if not is_prefix and len(parts) < 4 and all(decimal(part) is not None for part in parts):
             raise ValueError(f"incomplete IPv4 address {key!r} (a prefix ends with '.')")
         raise ValueError(f"not an address, prefix or =hostname: {key!r}")
     *leading, last = parts
@@ -205,9 +207,10 @@ def _octet(text: str, key: str) -> str:
     """A decimal address part in the form tcpserver prints (no leading zeros)."""
     if "-" in text:
         raise ValueError(f"a range is allowed only in the last part: {key!r}")
-    if not (text.isascii() and text.isdigit()) or int(text) > 255:
+    value = decimal(text)
+    if value is None or value > 255:
         raise ValueError(f"not an address, prefix or =hostname: {key!r}")
-    return str(int(text))
+    return str(value)
 
 
 def _ipv6_key(key: str) -> str:

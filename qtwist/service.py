@@ -21,6 +21,7 @@ from qtwist.descriptors import RESERVE, DescriptorBudget, check_limits, raise_so
 from qtwist.grants import Grants, GrantsCleaner
 from qtwist.hooks import Hooks, PluginContext, installed_plugins
 from qtwist.lspawn import LocalSpawn
+from qtwist.numbers import decimal
 from qtwist.pop3d import POP3Factory
 from qtwist.queue import Queue
 from qtwist.remote import RemoteDelivery, opportunistic_tls
@@ -78,10 +79,11 @@ class Options(usage.Options):
     def postOptions(self) -> None:
         nameserver = self["nameserver"]
         if nameserver:
-            host, _, port = nameserver.rpartition(":") if nameserver.count(":") == 1 else (nameserver, "", "")
-            if not port.isdigit():
-                host, port = nameserver, "53"
-            self["nameserver"] = (host.strip("[]"), int(port))
+            host, _, port_text = nameserver.rpartition(":") if nameserver.count(":") == 1 else (nameserver, "", "")
+            port = decimal(port_text)
+            if port is None:
+                host, port = nameserver, 53
+            self["nameserver"] = (host.strip("[]"), port)
         if not Path(self["home"]).is_dir():
             raise usage.UsageError(f"--home {self['home']}: no such directory")
 

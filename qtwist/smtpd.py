@@ -27,6 +27,7 @@ from qtwist.descriptors import DescriptorBudget
 from qtwist.hooks import Answer, Hooks, PluginContext, Session
 from qtwist.limits import Admission, smtp_limits
 from qtwist.login import Logins, Refusal, client_address
+from qtwist.numbers import decimal
 from qtwist.pipelining import PipeliningServer, write_now
 from qtwist.policy import ClientInfo, bad_mail_from, bad_rcpt_to, rcpt_allowed, with_default_host
 from qtwist.tls import can_upgrade, cipher_of, is_encrypted
@@ -63,6 +64,7 @@ def parse_address(argument: str) -> tuple[str, str] | None:
     (ESMTP parameters).  None when there is nothing address-like."""
     argument = argument.strip()
     if argument.startswith("<"):
+        routed = argument.startswith("<@")  # as typed: <""@x> is no route
         address, quoted, escaped, end = [], False, False, -1
         for position in range(1, len(argument)):
             char = argument[position]
@@ -83,8 +85,9 @@ def parse_address(argument: str) -> tuple[str, str] | None:
         text, rest = "".join(address), argument[end + 1:]
     else:
         text, _, rest = argument.partition(" ")
+        routed = text.startswith("@")
         text = text.replace('"', "")
-    if text.startswith("@"):
+    if routed:
         _, colon, after = text.partition(":")
         text = after if colon else ""
     if any(c in text for c in " \t<>"):
@@ -212,8 +215,9 @@ class SMTPServer(PipeliningServer):
         self.start(self.settings.timeoutsmtpd)
         self.encrypted = is_encrypted(self.transport)
         self.databytes = self.settings.databytes
-        if "DATABYTES" in rule.env and rule.env["DATABYTES"].isdigit():
-            self.databytes = int(rule.env["DATABYTES"])
+        databytes = decimal(rule.env.get("DATABYTES", ""))
+        if databytes is not None:
+            self.databytes = databytes
         greeting = f"220 {self.settings.smtpgreeting} ESMTP\r\n".encode("latin-1", "replace")
         chain = self._hooks("connect")
         if chain:
@@ -346,8 +350,8 @@ class SMTPServer(PipeliningServer):
             return
         address, rest = parsed
         parameters = parse_parameters(rest)
-        size = parameters.get("SIZE", "")
-        if size.isdigit() and self.databytes and int(size) > self.databytes:
+        size = decimal(parameters.get("SIZE", ""))
+        if size is not None and self.databytes and size > self.databytes:
             self.out.append(REPLY_SIZE)
             return
         sender = with_default_host(address, self.settings)

@@ -25,6 +25,7 @@ from passlib.hash import md5_crypt, sha256_crypt, sha512_crypt
 from zope.interface import Interface, implementer
 
 from qtwist.fsutil import StatCache, fsync_directory, replace_file
+from qtwist.numbers import decimal
 
 # vpopmail's gid flag bits (vpopmail.h).
 NO_PASSWD_CHNG = 0x01
@@ -64,9 +65,9 @@ _USER_CHARS = "letters, digits and !#$&'*+-.=?^_`{|}~"
 _DOMAIN_RE = re.compile(r"[A-Za-z0-9-]+(\.[A-Za-z0-9-]+)*")
 
 # Maildir++ quota: comma-separated NNNS (bytes) and NNNC (messages) parts.
-_MAILDIRPP_RE = re.compile(r"\d+[SC](,\d+[SC])*")
+_MAILDIRPP_RE = re.compile(r"[0-9]{1,18}[SC](,[0-9]{1,18}[SC])*")
 # vpopmail's format_maildirquota() also reads a plain number with an optional k/M unit.
-_PLAIN_QUOTA_RE = re.compile(r"(\d+)([kKmM]?)")
+_PLAIN_QUOTA_RE = re.compile(r"([0-9]{1,18})([kKmM]?)")
 
 _CRYPT_HANDLERS = {"$1$": md5_crypt, "$5$": sha256_crypt, "$6$": sha512_crypt}
 _BCRYPT_PREFIXES = ("$2a$", "$2b$", "$2y$")
@@ -208,10 +209,9 @@ def _parse_line(line: str, domain: str, domain_dir: Path) -> User | None:
     if len(fields) < 7 or not _valid_user(fields[0].lower()):
         return None  # also a name no address could reach: lookup() would never find it
     name, hashed, uid, gid, gecos, home_dir, quota = fields[:7]
-    try:
-        uid_number = int(uid) if uid else 0
-        flags = int(gid) if gid else 0
-    except ValueError:
+    uid_number = decimal(uid) if uid else 0
+    flags = decimal(gid) if gid else 0
+    if uid_number is None or flags is None:
         return None  # unknown flags: refuse the user rather than guess its rights
     # A relative dir (handy in a home kept in a repository) is the domain folder's.
     user_dir = domain_dir / (home_dir or name)

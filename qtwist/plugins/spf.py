@@ -20,6 +20,7 @@ from twisted.internet.threads import deferToThread
 from twisted.logger import Logger
 
 from qtwist.hooks import CONTINUE, Answer, Plugin, Session, add_headers, defer, reject
+from qtwist.numbers import decimal
 
 log = Logger(namespace="qtwist.plugins.spf")
 
@@ -28,8 +29,8 @@ REFUSED_FROM = {3: {"fail"}, 4: {"fail", "softfail"}, 5: {"fail", "softfail", "n
 
 
 def behavior(session: Session) -> int:
-    value = session.client.env.get("SPFBEHAVIOR", "")
-    return int(value) if value.isdigit() else session.settings.spfbehavior
+    value = decimal(session.client.env.get("SPFBEHAVIOR", ""))
+    return session.settings.spfbehavior if value is None else value
 
 
 def refused(result: str, level: int) -> bool:

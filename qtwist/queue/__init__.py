@@ -17,6 +17,7 @@ Layout of ``HOME/queue``::
     todo/              messages from ``qtwist sendmail``, waiting for the server to queue them
     flush              touched by ``qtwist queue flush``: retry everything now
     lock               flock-ed by the running server
+    key                the key of the record headers' MACs (see records)
 
 The modules, one job each:
 

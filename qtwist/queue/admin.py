@@ -15,7 +15,8 @@ from pathlib import Path
 from typing import Iterator
 
 from qtwist.fsutil import replace_file
-from qtwist.queue.records import QueuedMessage, QueueError, end_record, scan
+from qtwist.numbers import decimal
+from qtwist.queue.records import QueuedMessage, QueueError, Segment, scan
 from qtwist.queue.store import take_lock
 
 
@@ -39,9 +40,10 @@ def queue_read(home: Path) -> list[QueuedMessage]:
 def _matching(messages: dict[int, QueuedMessage], ids: list[str], match: str | None) -> list[QueuedMessage]:
     chosen: dict[int, QueuedMessage] = {}
     for text in ids:
-        if not text.isdigit() or int(text) not in messages:
+        number = decimal(text)
+        if number is None or number not in messages:
             raise QueueError(f"no message {text} in the queue")
-        chosen[int(text)] = messages[int(text)]
+        chosen[number] = messages[number]
     if match:
         needle = match.lower()
         for message in messages.values():
@@ -68,11 +70,11 @@ def queue_remove(home: Path, ids: list[str], match: str | None, wait: float = 30
         return len(chosen)
     try:
         # No server: append the E records ourselves, under the lock.
-        by_segment: dict[Path, list[bytes]] = {}
+        by_segment: dict[Segment, list[bytes]] = {}
         for message in chosen:
-            by_segment.setdefault(message.segment.path, []).append(end_record(message.id, "removed"))
-        for path, records in by_segment.items():
-            fd = os.open(path, os.O_WRONLY | os.O_APPEND)
+            by_segment.setdefault(message.segment, []).append(message.segment.records.end(message.id, "removed"))
+        for segment, records in by_segment.items():
+            fd = os.open(segment.path, os.O_WRONLY | os.O_APPEND)
             try:
                 os.write(fd, b"".join(records))
                 os.fsync(fd)
@@ -111,8 +113,9 @@ def take_removal_requests(queue_dir: Path) -> Iterator[int]:
         except FileNotFoundError:
             continue
         for word in words:
-            if word.isdigit():
-                yield int(word)
+            number = decimal(word)
+            if number is not None:
+                yield number
         path.unlink(missing_ok=True)
 
 

@@ -12,8 +12,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 
-from qtwist.queue.records import (QueuedMessage, QueueError, Recipient, Segment, deferral_record, end_record,
-                                  message_record, result_record, scan)
+from qtwist.queue.records import QueuedMessage, QueueError, Recipient, Records, Segment, queue_key, scan
 from qtwist.queue.todo import make_todo_dir
 from qtwist.queue.writer import Write, Writer
 
@@ -38,6 +37,7 @@ class Queue:
         self._lock_fd: int | None = None
         self._writer: Writer | None = None
         self._outbox: list[Write] = []
+        self.records: Records | None = None
 
     def open(self) -> list[QueuedMessage]:
         """Lock, recover what was acknowledged, start the writer; returns the
@@ -48,6 +48,7 @@ class Queue:
         self._lock_fd = take_lock(self.dir)
         if self._lock_fd is None:
             raise QueueError(f"{self.dir} is in use by another qtwist server")
+        self.records = Records(queue_key(self.dir, create=True).key)
         result = scan(self.dir, repair=True)
         for problem in result.problems:
             log.warn("queue: {problem}", problem=problem)
@@ -56,7 +57,7 @@ class Queue:
                 os.unlink(segment.path)
         self.messages = result.messages
         self._next_id = max(result.max_id + 1, int(self.clock.seconds() * 1000))
-        self._writer = Writer(self.dir / "seg", self._allocate, self.reactor, self._committed)
+        self._writer = Writer(self.dir / "seg", self.records, self._allocate, self.reactor, self._committed)
         self._writer.start()
         return sorted(self.messages.values(), key=lambda m: m.id)
 
@@ -99,26 +100,27 @@ class Queue:
         fsynced (the moment the SMTP server may say 250), or fails with QueueError."""
         message = QueuedMessage(self._allocate(), self.clock.seconds(), sender,
                                 [Recipient(address) for address in recipients], len(body), body=body)
-        data, body_offset = message_record(message.id, message.born, sender, message.recipients, body)
+        data, body_offset = self.records.message(message.id, message.born, sender, message.recipients, body)
         deferred = Deferred()
         self._submit(Write(data, None, deferred, message=message, body_offset=body_offset))
         return deferred
 
     def record_result(self, message: QueuedMessage, index: int) -> None:
         """Note a recipient's final state (delivered or failed) in the log."""
-        self._submit(Write(result_record(message.id, index, message.recipients[index]), message.segment,
+        self._submit(Write(message.segment.records.result(message.id, index, message.recipients[index]),
+                            message.segment,
                             durable=False))
 
     def record_deferral(self, message: QueuedMessage, index: int) -> None:
         recipient = message.recipients[index]
-        self._submit(Write(deferral_record(message.id, index, recipient.next_try, recipient.text),
+        self._submit(Write(message.segment.records.deferral(message.id, index, recipient.next_try, recipient.text),
                             message.segment, durable=False))
 
     def end(self, message: QueuedMessage, why: str) -> Deferred:
         """The message is done with (delivered, bounced or removed); an admin's
         removal is made durable at once."""
         deferred = Deferred()
-        self._submit(Write(end_record(message.id, why), message.segment, deferred, ending=message,
+        self._submit(Write(message.segment.records.end(message.id, why), message.segment, deferred, ending=message,
                             durable=why == "removed"))
         return deferred
 

@@ -84,7 +84,10 @@ def parse_todo(data: bytes) -> tuple[str, list[str], bytes]:
     line_end = data.find(b"\n", len(TODO_MAGIC))
     if line_end < 0:
         raise ValueError("no envelope line")
-    envelope = json.loads(data[len(TODO_MAGIC):line_end])
+    try:
+        envelope = json.loads(data[len(TODO_MAGIC):line_end])
+    except RecursionError:
+        raise ValueError("the envelope nests too deep") from None
     sender = envelope.get("sender") if isinstance(envelope, dict) else None
     recipients = envelope.get("rcpt") if isinstance(envelope, dict) else None
     if (not isinstance(sender, str) or not isinstance(recipients, list) or not recipients

@@ -16,7 +16,7 @@ from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
 from qtwist.fsutil import fsync_directory
-from qtwist.queue.records import SEGMENT_LIMIT, QueuedMessage, Segment
+from qtwist.queue.records import SEGMENT_LIMIT, QueuedMessage, Records, Segment
 
 log = Logger(namespace="qtwist.queue")
 
@@ -44,10 +44,11 @@ class Write:
 class Writer(threading.Thread):
     """Appends records and makes them durable, many per fdatasync."""
 
-    def __init__(self, seg_dir: Path, next_number: Callable[[], int], reactor,
+    def __init__(self, seg_dir: Path, records: Records, next_number: Callable[[], int], reactor,
                  committed: Callable[[list[Write], list[Segment]], None]):
         super().__init__(name="qtwist-queue-writer", daemon=True)
         self.seg_dir = seg_dir
+        self.records = records
         self.next_number = next_number
         self.reactor = reactor
         self.committed = committed
@@ -121,7 +122,7 @@ class Writer(threading.Thread):
             retired = self.active
         if self.active is None or self.active.sealed:
             number = self.next_number()
-            self.active = Segment(number, self.seg_dir / f"{number:012d}")
+            self.active = Segment(number, self.seg_dir / f"{number:012d}", self.records)
         return self.active, retired
 
     def _write_batch(self, writes: list[Write]) -> list[Segment]:

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from qtwist.cli import _printable, _qread_date
+from qtwist.queue.records import Records, queue_key
 from qtwist.users import UserDB
 
 REPO = Path(__file__).resolve().parents[2]
@@ -134,17 +135,15 @@ def test_qread_date_is_qmails_date822fmt_without_the_zone():
     assert _printable("a\tb\u00e9c~") == "a_b_c~"
 
 
+def queue_records(home: Path) -> Records:
+    """The queue's own record writer, keyed as the server keys it."""
+    (home / "queue" / "seg").mkdir(parents=True, exist_ok=True)
+    return Records(queue_key(home / "queue", create=True).key)
+
+
 def write_segment(home: Path, *records: bytes) -> None:
-    """A queue segment as the server leaves it, made with the queue's own record writers."""
-    seg_dir = home / "queue" / "seg"
-    seg_dir.mkdir(parents=True, exist_ok=True)
-    (seg_dir / "000000000001").write_bytes(b"".join(records))
-
-
-def queued(message_id: int, born: float, sender: str, recipients: list, body: bytes) -> bytes:
-    from qtwist.queue.records import message_record
-
-    return message_record(message_id, born, sender, recipients, body)[0]
+    """A queue segment as the server leaves it."""
+    (home / "queue" / "seg" / "000000000001").write_bytes(b"".join(records))
 
 
 def test_qstat_and_qread_on_an_empty_queue(home):
@@ -155,15 +154,15 @@ def test_qstat_and_qread_on_an_empty_queue(home):
 
 def test_qread_prints_qmail_qreads_format(home):
     from qtwist.queue import DELIVERED, Recipient
-    from qtwist.queue.records import result_record
 
+    records = queue_records(home)
     (home / "domains" / "example.test").mkdir(parents=True)  # qread routes as the server does
     first = [Recipient("bob@remote.test"), Recipient("alice@example.test"),
              Recipient("carol@remote.test", DELIVERED, "ok")]
     write_segment(home,
-                  queued(7, 1795461414.0, "alice@example.test", first, b"Subject: a\n\nhi\n"),
-                  result_record(7, 2, first[2]),
-                  queued(8, 1795461415.0, "", [Recipient("x\ty@remote.test")], b"x\n"))
+                  records.message(7, 1795461414.0, "alice@example.test", first, b"Subject: a\n\nhi\n")[0],
+                  records.result(7, 2, first[2]),
+                  records.message(8, 1795461415.0, "", [Recipient("x\ty@remote.test")], b"x\n")[0])
     assert ok(qtwist(home, "qstat")).startswith("messages in queue: 2\n")
     assert ok(qtwist(home, "qread")).splitlines() == [
         "23 Nov 2026 19:16:54 GMT  #7  15  <alice@example.test> ",
@@ -180,8 +179,8 @@ def test_queue_rm_by_id_and_by_match(home):
 
     envelopes = [("a@example.test", "b@r.test"), ("spam@bad.test", "c@r.test"),
                  ("d@example.test", "e@bad.test")]
-    write_segment(home, *(queued(number, 1795461414.0 + number, sender,
-                                 [Recipient(recipient)], b"x\n")
+    records = queue_records(home)
+    write_segment(home, *(records.message(number, 1795461414.0 + number, sender, [Recipient(recipient)], b"x\n")[0]
                           for number, (sender, recipient) in enumerate(envelopes, 1)))
     assert ok(qtwist(home, "queue", "rm", "1")) == "removed 1 message(s)\n"
     assert ok(qtwist(home, "queue", "rm", "--match", "BAD.test")) == "removed 2 message(s)\n"

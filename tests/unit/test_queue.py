@@ -10,7 +10,7 @@ from pathlib import Path
 from twisted.internet import reactor
 from twisted.trial import unittest
 
-from qtwist.queue import DELIVERED, FAILED, Queue, QueueError
+from qtwist.queue import DELIVERED, FAILED, Queue, QueueError, Recipient
 from qtwist.queue.admin import queue_read, queue_remove, queue_stat
 from qtwist.queue import records, writer
 from qtwist.queue.records import scan
@@ -65,7 +65,7 @@ class QueueTests(unittest.TestCase):
         message = await self.queue.accept("s@x.test", ["a@y.test"], b"kept\n")
         await self.queue.close()
         segment = next((self.home / "queue" / "seg").iterdir())
-        record, _ = records.message_record(message.id + 1, 0.0, "s@x.test", [], b"half a message")
+        record, _ = self.queue.records.message(message.id + 1, 0.0, "s@x.test", [], b"half a message")
         with open(segment, "ab") as handle:
             handle.write(record[:-5])  # a write that never finished: no 250 was given
         self.queue = Queue(self.home, reactor)
@@ -86,6 +86,65 @@ class QueueTests(unittest.TestCase):
         self.assertEqual([m.id for m in recovered], [second.id])
         self.assertNotIn(first.id, [m.id for m in recovered])
         self.assertTrue(list((self.home / "queue" / "corrupt").iterdir()))
+
+    async def test_records_quoted_in_a_body_are_never_taken_for_real_ones(self) -> None:
+        """A body may carry whole records (a forged end for another message, a
+        made-up message): neither a torn tail nor a damaged header lets scan
+        read them, since their MACs need the queue's key."""
+        kept = await self.queue.accept("s@x.test", ["a@y.test"], b"kept\n")
+        forger = records.Records(os.urandom(records.KEY_SIZE))
+        quoted = (forger.end(kept.id, "removed") + forger.message(999, 0.0, "x@x.test", [], b"made up\n")[0]
+                  + records.LEGACY.end(kept.id, "removed") + records.LEGACY.message(998, 0.0, "", [], b"m\n")[0])
+        carrier = await self.queue.accept("s@x.test", ["b@y.test"], b"Subject: q\n\n" + quoted)
+        after = await self.queue.accept("s@x.test", ["c@y.test"], b"after\n")
+        await self.queue.close()
+        segment = next((self.home / "queue" / "seg").iterdir())
+        clean = segment.read_bytes()
+
+        torn, _ = self.queue.records.message(after.id + 1, 0.0, "s@x.test", [], b"Subject: q\n\n" + quoted)
+        segment.write_bytes(clean + torn[:-3])
+        found = scan(self.home / "queue", repair=True)
+        self.assertEqual(sorted(found.messages), [kept.id, carrier.id, after.id])
+        self.assertEqual(segment.read_bytes(), clean)
+
+        header = clean.find(self.queue.records.magic, clean.find(b"kept\n"))
+        damaged = bytearray(clean)
+        damaged[header + 6] ^= 0x01  # the carrier's id
+        segment.write_bytes(bytes(damaged))
+        found = scan(self.home / "queue")
+        self.assertEqual(sorted(found.messages), [kept.id, after.id])
+        self.assertEqual(found.messages[after.id].read_body(), b"after\n")
+
+    async def test_segments_of_an_older_server_are_read_and_ended_in_their_format(self) -> None:
+        await self.queue.close()
+        (self.home / "queue" / "key").unlink()  # older servers wrote QTW1 records, with no key
+        legacy = records.LEGACY
+        (self.home / "queue" / "seg" / "000000000001").write_bytes(
+            legacy.message(1, 0.0, "s@x.test", [Recipient("a@y.test")], b"one\n")[0]
+            + legacy.message(2, 0.0, "s@x.test", [Recipient("b@y.test")], b"two\n")[0])
+        self.assertEqual(queue_remove(self.home, ["1"], None), 1)
+        self.queue = Queue(self.home, reactor)
+        [message] = self.queue.open()
+        self.assertEqual((message.id, message.read_body()), (2, b"two\n"))
+        message.recipients[0].state = DELIVERED
+        self.queue.record_result(message, 0)
+        await self.queue.close()
+        found = scan(self.home / "queue")
+        self.assertEqual(found.problems, [])
+        self.assertEqual([r.state for r in found.messages[2].recipients], [DELIVERED])
+        self.queue = Queue(self.home, reactor)
+        self.queue.open()
+
+    async def test_a_replaced_key_moves_segments_aside_whole(self) -> None:
+        await self.queue.accept("s@x.test", ["a@y.test"], b"m\n")
+        await self.queue.close()
+        segment = next((self.home / "queue" / "seg").iterdir())
+        kept = segment.read_bytes()
+        (self.home / "queue" / "key").unlink()
+        self.queue = Queue(self.home, reactor)
+        self.assertEqual(self.queue.open(), [])
+        [aside] = (self.home / "queue" / "corrupt").iterdir()
+        self.assertEqual(aside.read_bytes(), kept)
 
     async def test_foreign_file_in_segments_is_moved_aside(self) -> None:
         await self.queue.close()
