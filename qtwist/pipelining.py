@@ -79,6 +79,9 @@ class PipeliningServer(Protocol):
         self.idle_limit = 0.0
         self.last_activity = 0.0
         self.timer = None
+        # Twisted keeps ``transport`` after the connection is lost: this says
+        # the client is gone, so nothing is read, answered or closed any more.
+        self.gone = False
 
     # -- what a subclass gives ----------------------------------------------------------
 
@@ -115,6 +118,7 @@ class PipeliningServer(Protocol):
         self.timer = self.clock.callLater(idle_limit, self._check_timeout)
 
     def connectionLost(self, reason=None) -> None:
+        self.gone = True
         if self.timer is not None and self.timer.active():
             self.timer.cancel()
         self.timer = None
@@ -170,7 +174,7 @@ class PipeliningServer(Protocol):
         """Handle every complete line (or the end of bulk data) in the buffer.
         Lines are cut at an offset, so a buffer of many pipelined commands is
         not copied once per command."""
-        while (not self.busy and "output" not in self.reading_stopped and self.transport is not None
+        while (not self.busy and "output" not in self.reading_stopped and not self.gone
                and not self.disconnecting):
             if self.bulk is not None:
                 if not self.bulk_ended():
@@ -222,7 +226,7 @@ class PipeliningServer(Protocol):
         if isinstance(result, Failure):
             log.failure("a command's handler failed", result)
             self.failed()
-        if self.transport is None:
+        if self.gone:
             return
         self._start_reading("input")
         if self.bulk is not None and len(self.buffer) > self.offset:
@@ -230,14 +234,14 @@ class PipeliningServer(Protocol):
         self._process()
 
     def _flush(self) -> None:
-        if self.out:
+        if self.out and not self.gone:
             write_now(self.transport, b"".join(self.out))
-            self.out = []
+        self.out = []
 
     # -- flow control ---------------------------------------------------------------------
 
     def _stop_reading(self, reason: str) -> None:
-        if not self.reading_stopped and self.transport is not None:
+        if not self.reading_stopped and not self.gone:
             self.transport.pauseProducing()
         self.reading_stopped.add(reason)
 
@@ -245,7 +249,7 @@ class PipeliningServer(Protocol):
         if reason not in self.reading_stopped:
             return
         self.reading_stopped.discard(reason)
-        if not self.reading_stopped and self.transport is not None:
+        if not self.reading_stopped and not self.gone:
             self.transport.resumeProducing()
 
     def pauseProducing(self) -> None:
@@ -254,7 +258,7 @@ class PipeliningServer(Protocol):
 
     def resumeProducing(self) -> None:
         self._start_reading("output")
-        if self.transport is not None and not self.busy:
+        if not self.gone and not self.busy:
             self._process()
 
     def stopProducing(self) -> None:

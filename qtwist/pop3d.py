@@ -412,12 +412,17 @@ class POP3Server(LineReceiver, TimeoutMixin):
             LineReceiver.resumeProducing(self)
 
     def lineLengthExceeded(self, line: bytes) -> None:
+        if self._closing:
+            return
         self._reply("-ERR line too long")
         self._close()
 
     def _close(self) -> None:
-        """Close after the last reply; commands already pipelined behind it are ignored."""
+        """Close after the last reply; commands already pipelined behind it are
+        ignored.  The session stops being the transport's producer: TLS does
+        not close while one is registered."""
         self._closing = True
+        self.transport.unregisterProducer()
         self.transport.loseConnection()
 
     def lineReceived(self, line: bytes) -> None:

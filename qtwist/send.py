@@ -52,15 +52,15 @@ BODY_CACHE_LIMIT = 64 * 1024 * 1024
 POLL_INTERVAL = 1.0
 STOP_GRACE = 30.0
 LOG_INTERVAL = 0.05
-# qmail-send's logsafe(): a report's newlines become '/', and anything outside
-# '!'..'~' (and '%') becomes '_', so one delivery is one word-split line.
+# qmail-send's logsafe(): newlines become '/', and anything outside '!'..'~'
+# (and '%') becomes '_', so one delivery is one word-split line.
 UNSAFE_IN_LOG = re.compile(r"[^!-$&-~]")
 
 
-def log_safe(report: str) -> str:
-    """A delivery report as qmail-send logs it; like qmail's reports, it ends
-    with a newline, so the logged text ends with '/'."""
-    return UNSAFE_IN_LOG.sub("_", report.rstrip("\n").replace("\n", "/")) + "/"
+def log_safe(text: str) -> str:
+    """Text from outside (an envelope address, a delivery report) as
+    qmail-send logs it: no NUL, CR or 8-bit byte reaches the log."""
+    return UNSAFE_IN_LOG.sub("_", text.replace("\n", "/"))
 
 
 def next_retry(born: float, now: float, channel: str) -> float:
@@ -225,7 +225,8 @@ class Scheduler(Service):
     def submit(self, message: QueuedMessage, uid: int = 0) -> None:
         """A freshly queued message (already durable); ``uid`` injected it locally."""
         self.log(f"new msg {message.id}")
-        self.log(f"info msg {message.id}: bytes {message.size} from <{message.sender}> qp {message.id} uid {uid}")
+        self.log(f"info msg {message.id}: bytes {message.size} from <{log_safe(message.sender)}> "
+                 f"qp {message.id} uid {uid}")
         if message.body is not None:
             if self._cached_bytes + message.size > BODY_CACHE_LIMIT:
                 message.body = None
@@ -373,7 +374,7 @@ class Scheduler(Service):
         number = next(self._deliveries)
         for index in job.indexes:
             self.log(f"starting delivery {number}: msg {message.id} to {job.channel} "
-                     f"{message.recipients[index].address}")
+                     f"{log_safe(message.recipients[index].address)}")
         self._status(settings)
         try:
             outcomes = await self._attempt(job, settings)
@@ -384,7 +385,9 @@ class Scheduler(Service):
         failed = False
         for index, outcome in zip(job.indexes, outcomes):
             outcome = self._judge(message, outcome, settings)
-            self.log(f"delivery {number}: {outcome.kind}: {log_safe(outcome.text)}")
+            # Like qmail's, a report ends with one newline: the logged text ends with '/'.
+            report = log_safe(outcome.text.rstrip("\n"))
+            self.log(f"delivery {number}: {outcome.kind}: {report}/")
             await self._record(job, index, outcome, settings)
             failed = failed or outcome.kind == "failure"
         self._status(settings)

@@ -20,6 +20,7 @@ from qtwist.control import LISTENER_NAMES, ControlWatcher
 from qtwist.descriptors import RESERVE, DescriptorBudget, check_limits, raise_soft_limit, with_backlog
 from qtwist.grants import Grants, GrantsCleaner
 from qtwist.hooks import Hooks, PluginContext, installed_plugins
+from qtwist.limits import Admission
 from qtwist.lspawn import LocalSpawn
 from qtwist.numbers import decimal
 from qtwist.pop3d import POP3Factory
@@ -28,7 +29,6 @@ from qtwist.remote import RemoteDelivery, opportunistic_tls
 from qtwist.resolver import Lookups
 from qtwist.send import Scheduler
 from qtwist.smtpd import SMTPFactory
-from qtwist.limits import Admission
 from qtwist.login import FailureThrottle, Logins, mail_portal
 from qtwist.tls import ImplicitTLSFactory, ServerTLS, make_self_signed
 from qtwist.users import UserDB

@@ -225,7 +225,7 @@ class SMTPServer(PipeliningServer):
             asked = self._ask(chain, "connect", (), lambda answer: None, greeting=True)
             if isinstance(asked, Deferred):
                 self._wait_for(asked)
-            elif self.transport is not None:
+            elif not self.gone:
                 self._flush()
         else:
             write_now(self.transport, greeting)
@@ -288,7 +288,7 @@ class SMTPServer(PipeliningServer):
         return self._answered(answer, hook, go_on, greeting)
 
     def _answered(self, answer: Answer, hook: str, go_on: Callable[[Answer], object], greeting: bool):
-        if self.transport is None:
+        if self.gone:
             return None
         if answer.kind in ("continue", "accept"):
             return go_on(answer)
@@ -506,7 +506,7 @@ class SMTPServer(PipeliningServer):
 
     async def _authenticate(self, credentials: ICredentials, mechanism: str) -> None:
         result = await self.factory.logins.login(credentials, self.client.ip, f"AUTH {mechanism}")
-        if self.transport is None:
+        if self.gone:
             return
         if result.user is None:
             self.out.append(REPLY_AUTH_REFUSED[result.refusal])

@@ -22,6 +22,7 @@ from typing import Callable, Iterator
 
 import bcrypt
 from passlib.hash import md5_crypt, sha256_crypt, sha512_crypt
+from passlib.utils.binary import bcrypt64, h64, h64big
 from zope.interface import Interface, implementer
 
 from qtwist.fsutil import StatCache, fsync_directory, replace_file
@@ -70,6 +71,13 @@ _MAILDIRPP_RE = re.compile(r"[0-9]{1,18}[SC](,[0-9]{1,18}[SC])*")
 _PLAIN_QUOTA_RE = re.compile(r"([0-9]{1,18})([kKmM]?)")
 
 _CRYPT_HANDLERS = {"$1$": md5_crypt, "$5$": sha256_crypt, "$6$": sha512_crypt}
+# passlib builds its tables and picks its backends on first use, and not
+# thread-safely: the first logins checked at once in the thread pool could
+# fail.  Build them now, on the importing thread.
+for _engine in (h64, h64big, bcrypt64):
+    _engine.encode_bytes(b"")
+for _handler in _CRYPT_HANDLERS.values():
+    _handler.get_backend()
 _BCRYPT_PREFIXES = ("$2a$", "$2b$", "$2y$")
 # bcrypt looks at 72 bytes only; crypt_blowfish (which wrote such vpasswd
 # hashes) silently cut longer passwords there, the bcrypt package refuses them.

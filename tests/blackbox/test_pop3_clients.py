@@ -370,6 +370,22 @@ def test_commands_pipelined_with_stls_in_the_clear_are_discarded(tls_server, ca)
     assert replies == [b"-ERR USER first\r\n", b"-ERR already using TLS\r\n", b"+OK\r\n"]
 
 
+@pytest.mark.parametrize("last", ["QUIT", "X" * 2000])
+def test_the_server_closes_a_tls_session_after_quit_or_a_line_too_long(tls_server, ca, last):
+    """TLS does not close while the session is the transport's producer."""
+    with socket.create_connection((LOOPBACK, tls_server.pop3_port), timeout=DEADLINE) as conn:
+        reader = conn.makefile("rb")
+        assert reader.readline().startswith(b"+OK <")
+        conn.sendall(b"STLS\r\n")
+        assert reader.readline() == b"+OK begin TLS negotiation\r\n"
+        reader.close()
+        with client_context(ca).wrap_socket(conn, server_hostname=LOOPBACK) as tls:
+            tls.sendall(f"{last}\r\n".encode())
+            tls_reader = tls.makefile("rb")
+            assert tls_reader.readline() in (b"+OK\r\n", b"-ERR line too long\r\n")
+            assert tls_reader.read() == b""  # the server's close, well before DEADLINE
+            tls_reader.close()
+
 # -- logins: flags and throttling ---------------------------------------------------------
 
 

@@ -130,6 +130,14 @@ class RoutingTests(SchedulerTestCase):
         self.assertEqual(queue_stat(self.home.path), (0, 0))
 
 
+    async def test_addresses_reach_the_log_as_qmail_sends_logsafe_writes_them(self) -> None:
+        """A client's NUL, CR or 8-bit byte in an envelope never reaches the log."""
+        message = await self.send("c\ra%r\x00l\xe9@remote.test", ["ali\x00ce@example.test"])
+        await self.answer(self.rig.local, Outcome.success("did 1+0+0\n"))
+        await wait_for(lambda: message.id not in self.rig.queue.messages, "the message to end")
+        self.assertIsNotNone(self.logged(rf"info msg {message.id}: bytes [0-9]+ from <c_a_r_l_@remote.test> .*"))
+        self.assertIsNotNone(self.logged(rf"starting delivery 1: msg {message.id} to local ali_ce@example.test"))
+
 # -- retries and queuelifetime ------------------------------------------------------------------
 
 class RetryTests(SchedulerTestCase):

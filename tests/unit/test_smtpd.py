@@ -785,6 +785,17 @@ class DataTests(SMTPTestCase):
         client.hang_up()
         self.assertEqual(self.rig.queued, [])
 
+    async def test_a_client_gone_while_its_message_is_queued_gets_no_more_answers(self) -> None:
+        """Twisted keeps the transport of a lost connection: the QUIT pipelined
+        behind the message must not be answered (over TLS that raised)."""
+        client = await self.ehloed()
+        self.assertEqual(await client.ask(*envelope("gone@remote.test", ALICE)), [OK, OK, GO_AHEAD])
+        client.send(b"Subject: gone\r\n\r\nbody\r\n.\r\nQUIT\r\n")
+        client.hang_up()
+        said = len(client.output)
+        await wait_for(lambda: self.rig.queued, "the message to be queued")
+        self.assertEqual(client.output[said:], b"")
+
 
 class ReceivedHeaderTests(SMTPTestCase):
 
