@@ -127,8 +127,12 @@ class PipeliningServer(Protocol):
     def _close(self) -> None:
         """Write what is pending, then close (a transport with a registered
         producer would otherwise stay open)."""
+        self.closing()
         self.transport.unregisterProducer()
         self.transport.loseConnection()
+
+    def closing(self) -> None:
+        """The session is over (the transport closes once its replies are out)."""
 
     def _check_timeout(self) -> None:
         remaining = self.idle_limit - (self.clock.seconds() - self.last_activity)

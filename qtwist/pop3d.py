@@ -422,6 +422,7 @@ class POP3Server(LineReceiver, TimeoutMixin):
         ignored.  The session stops being the transport's producer: TLS does
         not close while one is registered."""
         self._closing = True
+        self.factory.admission.release(self)  # as SMTPServer.closing: a client may reconnect at once
         self.transport.unregisterProducer()
         self.transport.loseConnection()
 

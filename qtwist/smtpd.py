@@ -248,6 +248,12 @@ class SMTPServer(PipeliningServer):
         self._hang_up(f"421 {self.settings.me} the server is full, closing an idle connection (#4.4.2)\r\n"
                       .encode("latin-1", "replace"))
 
+    def closing(self) -> None:
+        # Counted out at once, not when the socket is gone: a client that
+        # reconnects straight after its 221 (as smtp-source does) could
+        # otherwise meet its own old session and a 421.
+        self.factory.admission.release(self)
+
     def connectionLost(self, reason=None) -> None:
         super().connectionLost(reason)
         self.factory.admission.release(self)

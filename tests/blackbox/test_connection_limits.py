@@ -37,6 +37,24 @@ def test_one_address_gets_its_limit_and_421_beyond_it_while_others_are_served(tm
         home.wait_for_message(home.maildir(f"alice@{DOMAIN}"), b"Subject: served")
 
 
+def test_a_client_at_its_limit_that_reconnects_after_each_quit_is_never_refused(tmp_path: Path) -> None:
+    """smtp-source's pattern: N sessions, each reconnecting as soon as it reads
+    221 (or +OK at POP3 QUIT), while the server may not have seen the old
+    socket close yet."""
+    home = make_home(tmp_path, controls={"concurrencyperip": "3\n", "pop3concurrencyperip": "3\n"})
+    with Server(home, pop3=True) as server, ExitStack() as stack:
+        for port, quit_reply in ((server.port, b"221 "), (server.pop3_port, b"+OK")):
+            held = [stack.enter_context(server.connect("127.0.0.9", port=port)) for _ in range(3)]
+            greetings = [first_reply(sock) for sock in held]
+            for turn in range(60):
+                sock = held[turn % 3]
+                sock.sendall(b"QUIT\r\n")
+                assert sock.recv(512).startswith(quit_reply)
+                sock = held[turn % 3] = stack.enter_context(server.connect("127.0.0.9", port=port))
+                greetings.append(first_reply(sock))
+            assert [g for g in greetings if not g.startswith((b"220 ", b"+OK"))] == []
+
+
 def test_listeners_get_a_backlog_of_1024(tmp_path: Path) -> None:
     home = make_home(tmp_path)
     with Server(home) as server:
