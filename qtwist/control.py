@@ -80,6 +80,7 @@ class Settings:
     percenthack: frozenset[str] = frozenset()
     concurrencylocal: int = 10
     concurrencyremote: int = 20
+    queueactivelimit: int = 20000
     timeoutconnect: int = 60
     timeoutremote: int = 1200
     timeoutsmtpd: int = 1200
@@ -369,6 +370,8 @@ CONTROLS: tuple[Control, ...] = (
             "domains whose user%host recipients qmail rewrites; read, but not applied by qtwist"),
     Control("concurrencylocal", "concurrencylocal", _number, "local deliveries at once"),
     Control("concurrencyremote", "concurrencyremote", _number, "remote deliveries (SMTP connections out) at once"),
+    Control("queueactivelimit", "queueactivelimit", _number,
+            "queued messages held in memory, those due soonest; the rest wait on disk in the queue's index"),
     Control("timeoutconnect", "timeoutconnect", _number,
             "seconds to wait for a remote SMTP server to accept a connection"),
     Control("timeoutremote", "timeoutremote", _number, "seconds to wait for each reply of a remote SMTP server"),

@@ -21,14 +21,15 @@ class Outcome:
     kind: Kind
     text: str
     forwards: tuple[str, ...] = ()
+    unreachable: bool = False  # a deferral because no host of the destination took a connection
 
     @classmethod
     def success(cls, text: str, forwards: tuple[str, ...] = ()) -> "Outcome":
         return cls("success", text, forwards)
 
     @classmethod
-    def deferral(cls, text: str) -> "Outcome":
-        return cls("deferral", text)
+    def deferral(cls, text: str, unreachable: bool = False) -> "Outcome":
+        return cls("deferral", text, unreachable=unreachable)
 
     @classmethod
     def failure(cls, text: str) -> "Outcome":

@@ -68,10 +68,11 @@ _ATEXT = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ01234567
 class _Verdict(Exception):
     """Ends a delivery before any SMTP conversation, with one status for every recipient."""
 
-    def __init__(self, kind: Kind, text: str) -> None:
+    def __init__(self, kind: Kind, text: str, unreachable: bool = False) -> None:
         super().__init__(text)
         self.kind = kind
         self.text = text
+        self.unreachable = unreachable
 
 
 class ConnectionDied(Exception):
@@ -650,7 +651,7 @@ class RemoteDelivery:
             addresses, port = await self._route(settings, domain)
             connection, address = await self._connect(addresses, port, settings)
         except _Verdict as verdict:
-            return [Outcome(verdict.kind, verdict.text) for _ in recipients]
+            return [Outcome(verdict.kind, verdict.text, unreachable=verdict.unreachable) for _ in recipients]
         transaction = _Transaction(
             connection, address, settings.helohost or settings.me, self._tls, sender, recipients, message
         )
@@ -684,4 +685,4 @@ class RemoteDelivery:
                 continue
             self._timeouts.record(address, timed_out=False)
             return connection, address
-        raise _Verdict("deferral", NO_CONNECTION)
+        raise _Verdict("deferral", NO_CONNECTION, unreachable=True)

@@ -25,7 +25,8 @@ import math
 import re
 import signal
 import threading
-from collections import deque
+from collections import Counter, deque
+from dataclasses import dataclass
 from typing import Callable, Coroutine
 
 from twisted.application.service import Service
@@ -50,6 +51,9 @@ log = Logger(namespace="qtwist.send")
 CHANSKIP = {"local": 10, "remote": 20}
 BODY_CACHE_LIMIT = 64 * 1024 * 1024
 POLL_INTERVAL = 1.0
+# At most this many held messages due late make room at once for messages
+# due sooner that wait in the index.
+MAKE_ROOM = 1000
 STOP_GRACE = 30.0
 LOG_INTERVAL = 0.05
 # qmail-send's logsafe(): newlines become '/', and anything outside '!'..'~'
@@ -97,6 +101,17 @@ class SendLog:
             log.info("{lines}", lines="\n".join(lines))
 
 
+@dataclass
+class Dead:
+    """A destination no host of which took a connection: its messages wait,
+    untried, until ``until`` (its own retry time, on qmail's schedule counted
+    from the first failure ``since``)."""
+
+    since: float
+    until: float
+    text: str
+
+
 class Job:
     """One delivery: a local recipient, or the recipients of one remote domain."""
 
@@ -126,9 +141,19 @@ class Scheduler(Service):
         self.local = local
         self.remote = remote
         self.clock = clock
+        # New messages go first: a flush or a backlog of retries never delays them.
+        self.fresh = {"local": deque(), "remote": deque()}
         self.ready = {"local": deque(), "remote": deque()}
         self.in_progress = {"local": 0, "remote": 0}
         self.waiting: list[tuple[float, int, Job]] = []
+        self._running: Counter[int] = Counter()  # deliveries in progress, per message
+        self._dead: dict[str, Dead] = {}
+        # When the first message only the index holds is due: None when there
+        # is none, -inf when unknown; and the same for those let go while the
+        # index was being asked.
+        self._index_due: float | None = None
+        self._released_due: float | None = None
+        self._filler = Periodic("queue index: taking the messages due soonest", self._fill, POLL_INTERVAL, clock)
         self._sequence = itertools.count()
         self._deliveries = itertools.count(1)
         self._timer = None
@@ -149,12 +174,17 @@ class Scheduler(Service):
             # qmail-send retries everything at once on SIGALRM; so do we.
             signal.signal(signal.SIGALRM, lambda *_: call_from_thread(self.flush))
         self.local.start()
-        for message in self.queue.open():
+        limit = self.settings().queueactivelimit
+        first = self.queue.open(limit)
+        for message in first:
             self._resume(message)
+        if len(first) >= limit:
+            self._index_due = -math.inf
         # A big queue is many long-lived objects: keep the garbage collector
         # from walking all of them again and again while mail flows.
         gc.freeze()
         self._poller.startService()
+        self._filler.startService()
         self._pump()
 
     def stopService(self) -> Deferred:
@@ -162,8 +192,9 @@ class Scheduler(Service):
         results (as qmail-send's exitasap does), then close the queue.  One that
         outlasts STOP_GRACE is retried after the next start."""
         super().stopService()
-        if self._poller.running:
-            self._poller.stopService()
+        for periodic in (self._poller, self._filler):
+            if periodic.running:
+                periodic.stopService()
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
         return Deferred.fromCoroutine(self._stop())
@@ -232,7 +263,7 @@ class Scheduler(Service):
                 message.body = None
             else:
                 self._cached_bytes += message.size
-        self._enqueue(message, range(len(message.recipients)), ready=True)
+        self._enqueue(message, range(len(message.recipients)), ready=True, fresh=True)
         self._pump()
 
     def _resume(self, message: QueuedMessage) -> None:
@@ -245,7 +276,7 @@ class Scheduler(Service):
         pending = [i for i, r in enumerate(message.recipients) if r.state == PENDING]
         self._enqueue(message, pending, ready=False)
 
-    def _enqueue(self, message: QueuedMessage, indexes, ready: bool) -> None:
+    def _enqueue(self, message: QueuedMessage, indexes, ready: bool, fresh: bool = False) -> None:
         """qmail-send's preprocessing: each recipient to the local or the
         remote channel, remote ones grouped by domain."""
         settings = self.settings()
@@ -253,25 +284,99 @@ class Scheduler(Service):
         for index in indexes:
             recipient = message.recipients[index]
             if channel_for(recipient.address, settings) == "local":
-                self._place(Job(message, "local", [index]), recipient.next_try, ready)
+                self._place(Job(message, "local", [index]), recipient.next_try, ready, fresh)
             else:
                 _, domain = split_address(recipient.address)
                 remote_groups.setdefault((domain, recipient.next_try), []).append(index)
         for (domain, next_try), group in remote_groups.items():
-            self._place(Job(message, "remote", group, domain), next_try, ready)
+            self._place(Job(message, "remote", group, domain), next_try, ready, fresh)
 
-    def _place(self, job: Job, when: float, ready: bool) -> None:
+    def _place(self, job: Job, when: float, ready: bool, fresh: bool = False) -> None:
         if ready or when <= self.clock.seconds():
-            self.ready[job.channel].append(job)
+            (self.fresh if fresh else self.ready)[job.channel].append(job)
         else:
             heapq.heappush(self.waiting, (when, next(self._sequence), job))
             self._arm_timer()
 
     def flush(self) -> None:
-        """Retry everything that waits (qmail-send's SIGALRM)."""
+        """Retry everything that waits (qmail-send's SIGALRM), in the order it
+        was due: first what the server holds, then, as room frees, what only
+        the index holds.  Dead destinations are tried again too."""
+        self._dead.clear()
         while self.waiting:
             _, _, job = heapq.heappop(self.waiting)
             self.ready[job.channel].append(job)
+        if self._index_due is not None:
+            self._track(self._flush_index(), "flushing the queue index")
+        self._pump()
+
+    async def _flush_index(self) -> None:
+        flushed = await self.queue.flush()
+        if flushed:
+            self._index_due = -math.inf
+
+    # -- what is held in memory --------------------------------------------------------
+
+    def _current(self, job: Job) -> bool:
+        """The job's message is still held, as this very object, and not being removed."""
+        message = job.message
+        return self.queue.messages.get(message.id) is message and message.id not in self._removed
+
+    def _let_go(self, message: QueuedMessage) -> None:
+        """After a deferral: past queueactivelimit, or when a message the index
+        holds is due sooner, the index alone keeps this one until it is due."""
+        due = self._releasable(message)
+        if due is None:
+            return
+        over = len(self.queue.messages) > self.settings().queueactivelimit
+        if over or (self._index_due is not None and due > self._index_due):
+            self._release(message, due)
+
+    def _releasable(self, message: QueuedMessage) -> float | None:
+        """When a held message that only waits for retries is next due; None
+        if it cannot be let go now (a delivery or its bounce is under way)."""
+        if self.queue.messages.get(message.id) is not message or self._running[message.id]:
+            return None
+        if any(r.state == FAILED for r in message.recipients):
+            return None
+        return min((r.next_try for r in message.recipients if r.state == PENDING), default=None)
+
+    def _release(self, message: QueuedMessage, due: float) -> None:
+        self.queue.release(message)
+        self._index_due = due if self._index_due is None else min(self._index_due, due)
+        self._released_due = due if self._released_due is None else min(self._released_due, due)
+
+    def _fill(self) -> Deferred | None:
+        """Once a second: take the messages due soonest from the index while
+        there is room under queueactivelimit; when there is none and one
+        there is due, let go of held messages due later."""
+        if self._index_due is None:
+            return None
+        limit = self.settings().queueactivelimit
+        room = limit - len(self.queue.messages)
+        if room <= 0:
+            due_first = self._index_due
+            if due_first <= self.clock.seconds():
+                for when, _, job in heapq.nlargest(MAKE_ROOM, self.waiting):
+                    if when <= due_first:
+                        break
+                    due = self._releasable(job.message)
+                    if due is not None and due > due_first:
+                        self._release(job.message, due)
+            return None
+        if len(self.waiting) > 2 * limit:
+            self.waiting = [entry for entry in self.waiting if self._current(entry[2])]
+            heapq.heapify(self.waiting)
+        self._released_due = None
+        return self.queue.take_due(room).addCallback(self._took)
+
+    def _took(self, result: tuple[list[QueuedMessage], float | None]) -> None:
+        taken, next_due = result
+        if next_due is None or (self._released_due is not None and self._released_due < next_due):
+            next_due = self._released_due
+        self._index_due = next_due
+        for message in taken:
+            self._resume(message)
         self._pump()
 
     # -- timing -----------------------------------------------------------------
@@ -298,12 +403,17 @@ class Scheduler(Service):
     def _poll_requests(self) -> Deferred | None:
         """The look at queue/rm/, queue/flush and queue/todo/, at start and
         once a second."""
+        in_index = []
         for message_id in take_removal_requests(self.queue.dir):
             message = self.queue.messages.get(message_id)
-            if message is not None and message_id not in self._removed:
+            if message is None:
+                in_index.append(message_id)
+            elif message_id not in self._removed:
                 self._removed.add(message_id)
                 self.log(f"removed msg {message_id} by request")
                 self._track(self._end(message, "removed"), f"removing msg {message_id}")
+        if in_index:
+            self._track(self._remove_from_index(in_index), "removing messages by request")
         if take_flush_request(self.queue.dir):
             self.log("flush: retrying every deferred delivery now")
             self.flush()
@@ -312,6 +422,10 @@ class Scheduler(Service):
             self._pickup = Deferred.fromCoroutine(self._pick_up())
             return self._pickup.addBoth(self._pickup_ended)
         return None
+
+    async def _remove_from_index(self, ids: list[int]) -> None:
+        for message_id in await self.queue.remove(ids):
+            self.log(f"removed msg {message_id} by request")
 
     # -- messages from qtwist sendmail ------------------------------------------------
 
@@ -357,12 +471,19 @@ class Scheduler(Service):
             return
         settings = self.settings()
         limits = {"local": settings.concurrencylocal, "remote": settings.concurrencyremote}
-        for channel, ready in self.ready.items():
-            while ready and self.in_progress[channel] < limits[channel]:
-                job = ready.popleft()
-                if job.message.id in self._removed or job.message.id not in self.queue.messages:
+        now = self.clock.seconds()
+        for channel in ("local", "remote"):
+            fresh, ready = self.fresh[channel], self.ready[channel]
+            while (fresh or ready) and self.in_progress[channel] < limits[channel]:
+                job = (fresh or ready).popleft()
+                if not self._current(job):
+                    continue
+                dead = self._dead.get(job.domain) if channel == "remote" else None
+                if dead is not None and now < dead.until:
+                    self._track(self._put_off(job, dead, settings), f"putting off msg {job.message.id}")
                     continue
                 self.in_progress[channel] += 1
+                self._running[job.message.id] += 1
                 self._track(self._run(job, settings), f"delivery of msg {job.message.id}")
 
     def _status(self, settings: Settings) -> None:
@@ -382,6 +503,8 @@ class Scheduler(Service):
             log.failure("delivery {d} crashed", d=number)
             outcomes = [Outcome.deferral(f"Internal error: {error!r}. (#4.3.0)")] * len(job.indexes)
         self.in_progress[job.channel] -= 1
+        if job.channel == "remote":
+            self._learn(job.domain, outcomes, settings)
         failed = False
         for index, outcome in zip(job.indexes, outcomes):
             outcome = self._judge(message, outcome, settings)
@@ -391,12 +514,55 @@ class Scheduler(Service):
             await self._record(job, index, outcome, settings)
             failed = failed or outcome.kind == "failure"
         self._status(settings)
-        if message.id in self.queue.messages and message.id not in self._removed:
+        self._running[message.id] -= 1
+        if not self._running[message.id]:
+            del self._running[message.id]
+        await self._settle(message, failed)
+        self._pump()
+
+    async def _settle(self, message: QueuedMessage, failed: bool) -> None:
+        """After a try: end the message, bounce what failed, or let it wait."""
+        if self.queue.messages.get(message.id) is message and message.id not in self._removed:
             if message.resolved:
                 await self._finish(message)
             elif failed:
                 await self._bounce(message)
-        self._pump()
+            else:
+                self._let_go(message)
+
+    # -- dead destinations ---------------------------------------------------------------
+
+    def _learn(self, domain: str, outcomes: list[Outcome], settings: Settings) -> None:
+        """No host of ``domain`` took a connection: it is dead until its own
+        retry time, and the messages for it the index holds wait until then,
+        untried (one try, not one per message).  Any other answer revives it."""
+        if not outcomes or not all(outcome.unreachable for outcome in outcomes):
+            self._dead.pop(domain, None)
+            return
+        now = self.clock.seconds()
+        dead = self._dead.get(domain)
+        if dead is not None and now < dead.until:
+            return
+        since = dead.since if dead is not None else now
+        until = next_retry(since, now, "remote")
+        self._dead[domain] = Dead(since, until, outcomes[0].text)
+        self.log(f"destination {log_safe(domain)} unreachable: its messages wait until {int(until)}")
+        if self._index_due is not None:
+            self._track(self.queue.put_off(domain, until, settings.queuelifetime), f"putting off {domain}")
+
+    async def _put_off(self, job: Job, dead: Dead, settings: Settings) -> None:
+        """A held message for a dead destination: deferred with the
+        destination's last answer, untried."""
+        message = job.message
+        failed = False
+        for index in job.indexes:
+            outcome = self._judge(message, Outcome.deferral(dead.text), settings)
+            report = log_safe(outcome.text.rstrip("\n"))
+            self.log(f"delivery put off: msg {message.id} to remote {log_safe(message.recipients[index].address)}: "
+                     f"{outcome.kind}: {report}/")
+            await self._record(job, index, outcome, settings)
+            failed = failed or outcome.kind == "failure"
+        await self._settle(message, failed)
 
     async def _attempt(self, job: Job, settings: Settings) -> list[Outcome]:
         message = job.message
@@ -443,8 +609,11 @@ class Scheduler(Service):
             recipient.state, recipient.text = FAILED, outcome.text
             self.queue.record_result(message, index)
             return
-        recipient.next_try = min(next_retry(message.born, self.clock.seconds(), job.channel),
-                                 message.born + settings.queuelifetime)
+        next_try = next_retry(message.born, self.clock.seconds(), job.channel)
+        dead = self._dead.get(job.domain) if job.channel == "remote" else None
+        if dead is not None:
+            next_try = max(next_try, dead.until)
+        recipient.next_try = min(next_try, message.born + settings.queuelifetime)
         recipient.text = outcome.text
         self.queue.record_deferral(message, index)
         self._place(Job(message, job.channel, [index], job.domain), recipient.next_try, ready=False)

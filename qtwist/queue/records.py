@@ -2,7 +2,7 @@
 
 Each record: ``QTW2`` kind(1) id(u64) length(u32) crc32(u32) mac(16), then the
 payload.  The MAC (keyed BLAKE2b over kind, id, length and crc, with the key
-in queue/key) makes a header only the server can write: after damage, scan
+in queue/key) makes a header only the server can write: after damage, recovery
 looks for the next header it can verify, so a record quoted inside a message
 body (a mailed segment, or a forged one) is never taken for a real one.
 Queues written before keep their ``QTW1`` segments (the same header without
@@ -12,8 +12,9 @@ Kinds: ``M`` message (u32 envelope length, envelope JSON, message bytes with
 LF line ends), ``D`` one recipient resolved, ``T`` a deferral (next try),
 ``E`` the message ended (delivered, bounced or removed).
 
-``scan`` rebuilds what the queue holds from its segments: at the server's
-start (repairing torn tails) and for ``qtwist qstat``/``qread`` (read only).
+``parse_segment`` reads records back, from any record boundary on, into a
+``Sink``: the index at recovery (queue.index), or a running server's queue
+as ``qtwist qstat``/``qread`` see it.
 """
 
 from __future__ import annotations
@@ -27,9 +28,9 @@ import shutil
 import struct
 import time
 import zlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import NamedTuple
+from typing import NamedTuple, Protocol
 
 from qtwist.fsutil import replace_file
 from qtwist.numbers import decimal
@@ -59,7 +60,7 @@ class Recipient:
 @dataclass(eq=False)
 class Segment:
     """One segment file.  ``size``, ``fd`` and ``sealed`` belong to the writer
-    thread; ``live`` (ids of messages not ended) to the reactor thread."""
+    thread; which messages still live in it, to the index."""
 
     number: int
     path: Path
@@ -67,7 +68,6 @@ class Segment:
     size: int = 0
     fd: int | None = None
     sealed: bool = False
-    live: set[int] = field(default_factory=set)
     read_fd: int | None = None
 
     def pread(self, length: int, offset: int) -> bytes:
@@ -204,33 +204,40 @@ def queue_key(queue_dir: Path, create: bool = False) -> QueueKey | None:
     return QueueKey(*KEY_FILE.unpack(data))
 
 
-@dataclass
-class ScanResult:
-    messages: dict[int, QueuedMessage]
-    segments: list[Segment]
-    max_id: int
-    problems: list[str]
+class Sink(Protocol):
+    """Where the records read back from a segment go (the index)."""
+
+    def message(self, message_id: int, born: float, sender: str, addresses: list[str], segment: int,
+                offset: int, size: int) -> None: ...
+
+    def result(self, message_id: int, index: int, state: str, text: str) -> None:
+        """Raises IndexError for a recipient the message does not have."""
+
+    def deferral(self, message_id: int, index: int, next_try: float, text: str) -> None:
+        """Raises IndexError for a recipient the message does not have."""
+
+    def end(self, message_id: int) -> None: ...
 
 
 @dataclass
-class _Parsed:
+class Parsed:
     max_id: int = 0
     clean_end: int = 0  # the length of the prefix that ends with a whole record
     damaged: bool = False  # a bad record was met before the end
     recognised: bool = False  # at least one header verified
 
 
-def _parse_segment(segment: Segment, data: bytes | mmap.mmap, messages: dict[int, QueuedMessage],
-                   problems: list[str]) -> _Parsed:
-    """Apply one segment's records to ``messages``.
+def parse_segment(segment: Segment, data: bytes | mmap.mmap, start: int, sink: Sink,
+                  problems: list[str]) -> Parsed:
+    """Hand the records of one segment, from offset ``start`` on, to ``sink``.
 
     A header that does not verify is skipped to the next one that does; a
     record whose payload fails its CRC is skipped by its (verified) length.
     A header or payload cut short at the very end is a torn write that never
     got its 250.
     """
-    records, parsed = segment.records, _Parsed()
-    position, end = 0, len(data)
+    records, parsed = segment.records, Parsed(clean_end=start)
+    position, end = start, len(data)
     while end - position >= records.header_size:
         header = records.header_at(data, position)
         if header is None:
@@ -249,7 +256,7 @@ def _parse_segment(segment: Segment, data: bytes | mmap.mmap, messages: dict[int
             break  # torn tail
         parsed.max_id = max(parsed.max_id, message_id)
         if zlib.crc32(data[payload_start:payload_end]) != crc or not _apply(
-                kind, message_id, data, payload_start, payload_end, segment, messages):
+                kind, message_id, data, payload_start, payload_end, segment, sink):
             parsed.damaged = True
             problems.append(f"queue/seg/{segment.path.name}: damaged record at offset {position}, skipped")
             if records.key is None:  # an unauthenticated length may be the damage
@@ -262,33 +269,29 @@ def _parse_segment(segment: Segment, data: bytes | mmap.mmap, messages: dict[int
     return parsed
 
 
-def _apply(kind: bytes, message_id: int, data, start: int, end: int, segment: Segment,
-           messages: dict[int, QueuedMessage]) -> bool:
-    """Apply one record; False when its payload makes no sense."""
+def _apply(kind: bytes, message_id: int, data, start: int, end: int, segment: Segment, sink: Sink) -> bool:
+    """Hand one record to the sink; False when its payload makes no sense."""
     try:
         if kind == b"M":
             (envelope_length,) = ENVELOPE_LENGTH.unpack_from(data, start)
             envelope = json.loads(bytes(data[start + 4:start + 4 + envelope_length]))
             body_offset = start + 4 + envelope_length
-            recipients = [Recipient(_address(entry)) for entry in envelope["rcpt"]]
-            messages[message_id] = QueuedMessage(message_id, float(envelope["born"]), str(envelope["sender"]),
-                                                 recipients, end - body_offset, segment, body_offset)
-            segment.live.add(message_id)
-            return True
-        message = messages.get(message_id)
-        if message is None:
-            return kind in b"EDT"
-        if kind == b"E":
-            del messages[message_id]
-            if message.segment is not None:
-                message.segment.live.discard(message_id)
-            return True
-        fields = json.loads(bytes(data[start:end]))
-        recipient = message.recipients[fields["i"]]
-        if kind == b"D":
-            recipient.state, recipient.text = str(fields["s"]), str(fields["t"])
-        elif kind == b"T":
-            recipient.next_try, recipient.text = float(fields["n"]), str(fields["t"])
+            if body_offset > end:
+                return False
+            sink.message(message_id, float(envelope["born"]), str(envelope["sender"]),
+                         [_address(entry) for entry in envelope["rcpt"]], segment.number, body_offset,
+                         end - body_offset)
+        elif kind == b"E":
+            sink.end(message_id)
+        elif kind in b"DT":
+            fields = json.loads(bytes(data[start:end]))
+            index = fields["i"]
+            if not isinstance(index, int) or index < 0:
+                return False
+            if kind == b"D":
+                sink.result(message_id, index, str(fields["s"]), str(fields["t"]))
+            else:
+                sink.deferral(message_id, index, float(fields["n"]), str(fields["t"]))
         else:
             return False
         return True
@@ -302,69 +305,16 @@ def _address(entry: str | list[str]) -> str:
     return entry if isinstance(entry, str) else str(entry[0])
 
 
-def scan(queue_dir: Path, repair: bool = False) -> ScanResult:
-    """Read every segment.  With ``repair`` (the server at start, holding the
-    lock) torn tails are cut off and unreadable files moved to corrupt/."""
-    messages: dict[int, QueuedMessage] = {}
-    segments: list[Segment] = []
-    problems: list[str] = []
-    max_id = 0
-    key = queue_key(queue_dir)
-    current = Records(key.key) if key is not None else LEGACY
-    first_keyed = key.first_segment if key is not None else 0
-    seg_dir = queue_dir / "seg"
-    try:
-        names = sorted(os.listdir(seg_dir))
-    except FileNotFoundError:
-        names = []
-    for name in names:
-        path = seg_dir / name
-        number = decimal(name)
-        if number is None:
-            if repair:
-                move_aside(queue_dir, path, problems, "not a segment name")
-            continue
-        try:
-            with open(path, "rb") as handle:
-                size = os.fstat(handle.fileno()).st_size
-                data: bytes | mmap.mmap = (mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ)
-                                           if size else b"")
-        except FileNotFoundError:
-            continue  # removed by the server while we looked
-        try:
-            segment = Segment(number, path, current if number >= first_keyed else LEGACY)
-            parsed = _parse_segment(segment, data, messages, problems)
-        finally:
-            if isinstance(data, mmap.mmap):
-                data.close()
-        if size and not parsed.recognised:
-            why = "holds no record this queue can verify (is queue/key missing or replaced?)"
-            if repair:
-                move_aside(queue_dir, path, problems, why)
-            else:
-                problems.append(f"queue/seg/{name}: {why}")
-            continue
-        max_id = max(max_id, parsed.max_id, segment.number)
-        if repair and parsed.damaged:
-            corrupt = queue_dir / "corrupt"
-            corrupt.mkdir(exist_ok=True)
-            shutil.copyfile(path, corrupt / f"{name}.{int(time.time())}")
-            problems.append(f"queue/seg/{name}: a copy is kept in queue/corrupt/ for inspection")
-        if repair and parsed.clean_end < size:
-            with open(path, "r+b") as handle:
-                handle.truncate(parsed.clean_end)
-                os.fsync(handle.fileno())
-            problems.append(f"queue/seg/{name}: cut {size - parsed.clean_end} bytes of an unfinished write")
-            size = parsed.clean_end
-        segment.size = size
-        segment.sealed = True
-        segments.append(segment)
-    return ScanResult(messages, segments, max_id, problems)
-
-
 def move_aside(queue_dir: Path, path: Path, problems: list[str], why: str) -> None:
     corrupt = queue_dir / "corrupt"
     corrupt.mkdir(exist_ok=True)
     target = corrupt / f"{path.name}.{int(time.time())}"
     os.replace(path, target)
     problems.append(f"queue/{path.parent.name}/{path.name}: {why}; moved to queue/corrupt/{target.name}")
+
+
+def keep_copy(queue_dir: Path, path: Path, problems: list[str]) -> None:
+    corrupt = queue_dir / "corrupt"
+    corrupt.mkdir(exist_ok=True)
+    shutil.copyfile(path, corrupt / f"{path.name}.{int(time.time())}")
+    problems.append(f"queue/seg/{path.name}: a copy is kept in queue/corrupt/ for inspection")

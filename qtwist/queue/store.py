@@ -12,9 +12,10 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 
-from qtwist.queue.records import QueuedMessage, QueueError, Recipient, Records, Segment, queue_key, scan
+from qtwist.queue.index import State, open_index, recover
+from qtwist.queue.records import QueuedMessage, QueueError, Recipient, Records, Segment, queue_key
 from qtwist.queue.todo import make_todo_dir
-from qtwist.queue.writer import Write, Writer
+from qtwist.queue.writer import Work, Write, Writer
 
 log = Logger(namespace="qtwist.queue")
 
@@ -25,7 +26,9 @@ class Queue:
     Only one process may own a queue; ``open`` takes HOME/queue/lock.
     ``reactor`` runs the writer's hand-overs; ``clock`` (the reactor unless a
     test gives another) stamps each message's birth, which the scheduler's
-    retry schedule and queuelifetime count from.
+    retry schedule and queuelifetime count from.  ``messages`` holds the
+    messages the server works on (new ones, and those the scheduler took
+    from the index); the others are only in the segments and the index.
     """
 
     def __init__(self, home: Path, reactor, clock: IReactorTime | None = None):
@@ -33,15 +36,16 @@ class Queue:
         self.reactor = reactor
         self.clock = clock or reactor
         self.messages: dict[int, QueuedMessage] = {}
+        self.segments: dict[int, Segment] = {}
         self._next_id = 1
         self._lock_fd: int | None = None
         self._writer: Writer | None = None
-        self._outbox: list[Write] = []
+        self._outbox: list[Write | Work] = []
         self.records: Records | None = None
 
-    def open(self) -> list[QueuedMessage]:
-        """Lock, recover what was acknowledged, start the writer; returns the
-        messages that still need work."""
+    def open(self, limit: int) -> list[QueuedMessage]:
+        """Lock, bring the index up to date with what was acknowledged, start
+        the writer; returns the (at most ``limit``) messages due soonest."""
         for sub in ("seg", "rm"):
             (self.dir / sub).mkdir(parents=True, exist_ok=True)
         make_todo_dir(self.dir / "todo")
@@ -49,17 +53,18 @@ class Queue:
         if self._lock_fd is None:
             raise QueueError(f"{self.dir} is in use by another qtwist server")
         self.records = Records(queue_key(self.dir, create=True).key)
-        result = scan(self.dir, repair=True)
-        for problem in result.problems:
+        index = open_index(self.dir)
+        recovery = recover(self.dir, index)
+        for problem in recovery.problems:
             log.warn("queue: {problem}", problem=problem)
-        for segment in result.segments:
-            if not segment.live:
-                os.unlink(segment.path)
-        self.messages = result.messages
-        self._next_id = max(result.max_id + 1, int(self.clock.seconds() * 1000))
-        self._writer = Writer(self.dir / "seg", self.records, self._allocate, self.reactor, self._committed)
+        self.segments = recovery.segments
+        first = index.take_due(limit, self.segments)
+        self.messages = {message.id: message for message in first}
+        self._next_id = max(recovery.max_id + 1, int(self.clock.seconds() * 1000))
+        self._writer = Writer(self.dir / "seg", self.records, self._allocate, self.reactor, self._committed,
+                              index, self.segments)
         self._writer.start()
-        return sorted(self.messages.values(), key=lambda m: m.id)
+        return first
 
     def close(self) -> Deferred:
         """Let the writer finish what it has, then release the lock."""
@@ -71,9 +76,8 @@ class Queue:
         done = deferToThreadPool(self.reactor, self.reactor.getThreadPool(), writer.join)
 
         def release(result):
-            for message in self.messages.values():
-                if message.segment is not None:
-                    message.segment.close()
+            for segment in self.segments.values():
+                segment.close()
             if self._lock_fd is not None:
                 os.close(self._lock_fd)
                 self._lock_fd = None
@@ -108,23 +112,87 @@ class Queue:
     def record_result(self, message: QueuedMessage, index: int) -> None:
         """Note a recipient's final state (delivered or failed) in the log."""
         self._submit(Write(message.segment.records.result(message.id, index, message.recipients[index]),
-                            message.segment,
-                            durable=False))
+                           message.segment, durable=False, state=(message.id, State.of(message.recipients))))
 
     def record_deferral(self, message: QueuedMessage, index: int) -> None:
         recipient = message.recipients[index]
         self._submit(Write(message.segment.records.deferral(message.id, index, recipient.next_try, recipient.text),
-                            message.segment, durable=False))
+                           message.segment, durable=False, state=(message.id, State.of(message.recipients))))
 
     def end(self, message: QueuedMessage, why: str) -> Deferred:
         """The message is done with (delivered, bounced or removed); an admin's
         removal is made durable at once."""
         deferred = Deferred()
         self._submit(Write(message.segment.records.end(message.id, why), message.segment, deferred, ending=message,
-                            durable=why == "removed"))
+                           durable=why == "removed"))
         return deferred
 
-    def _submit(self, item: Write) -> None:
+    # -- what only the index holds -------------------------------------------------
+
+    def release(self, message: QueuedMessage) -> None:
+        """The server stops holding ``message``: the index keeps when it is due."""
+        if self.messages.pop(message.id, None) is not None:
+            state = State.of(message.recipients)
+            self._submit(Work(lambda writer: writer.let_go(message, state)))
+
+    def take_due(self, limit: int) -> Deferred:
+        """Fires with the (at most ``limit``) messages due soonest the server
+        does not hold, now held, and when the next one after them is due."""
+        def take(writer: Writer) -> tuple[list[QueuedMessage], float | None]:
+            return writer.index.take_due(limit, writer.segments), writer.index.next_due()
+        deferred = self._ask(take)
+        return deferred.addCallback(self._took)
+
+    def _took(self, result: tuple[list[QueuedMessage], float | None]) -> tuple[list[QueuedMessage], float | None]:
+        taken, next_due = result
+        for message in taken:
+            self.messages[message.id] = message
+        return taken, next_due
+
+    def put_off(self, domain: str, until: float, lifetime: float) -> Deferred:
+        """Every message for ``domain`` the server does not hold is due no
+        earlier than ``until`` (nor later than its end of life); fires with
+        how many were put off."""
+        return self._in_chunks(lambda index: index.put_off(domain, until, lifetime))
+
+    def flush(self) -> Deferred:
+        """Every message the server does not hold is due now, in its order."""
+        return self._in_chunks(lambda index: index.flush())
+
+    def remove(self, ids: list[int]) -> Deferred:
+        """End those of ``ids`` the server does not hold, durably; fires with their ids."""
+        def remove(writer: Writer) -> list[int]:
+            found = writer.index.locate(ids)
+            writes = [Write(self.segments[number].records.end(message_id, "removed"), self.segments[number],
+                            ending=QueuedMessage(message_id, 0.0, "", [], 0, self.segments[number]))
+                      for message_id, number in found if number in self.segments]
+            writer.write_now(writes)
+            return [write.ending.id for write in writes if write.error is None]
+        return self._ask(remove)
+
+    def _in_chunks(self, step) -> Deferred:
+        """Bulk index work a chunk at a time, the records of other work in
+        between; fires with the rows it changed."""
+        done = Deferred()
+        total = 0
+
+        def chunk(writer: Writer) -> None:
+            nonlocal total
+            changed = step(writer.index)
+            total += changed
+            if changed:
+                writer.submit([Work(chunk)])
+            else:
+                self.reactor.callFromThread(done.callback, total)
+        self._submit(Work(chunk))
+        return done
+
+    def _ask(self, job) -> Deferred:
+        deferred = Deferred()
+        self._submit(Work(job, deferred))
+        return deferred
+
+    def _submit(self, item: Write | Work) -> None:
         """Records of one reactor turn go to the writer together: one wake-up
         of its thread (and one GIL hand-over) instead of one per record."""
         if self._writer is None:
@@ -138,7 +206,7 @@ class Queue:
             outbox, self._outbox = self._outbox, []
             self._writer.submit(outbox)
 
-    def _committed(self, writes: list[Write], sealed: list[Segment]) -> None:
+    def _committed(self, writes: list[Write]) -> None:
         """On the reactor thread: a batch is durable (or failed)."""
         for write in writes:
             if write.error is not None:
@@ -147,25 +215,12 @@ class Queue:
                 continue
             result = None
             if write.message is not None:
-                message = write.message
-                message.segment = write.segment
-                message.offset = write.offset + write.body_offset
-                write.segment.live.add(message.id)
-                self.messages[message.id] = message
-                result = message
+                self.messages[write.message.id] = result = write.message
             elif write.ending is not None:
-                ending = write.ending
-                self.messages.pop(ending.id, None)
-                ending.body = None
-                segment = ending.segment
-                segment.live.discard(ending.id)
-                if segment.sealed and not segment.live:
-                    self._writer.submit(segment)
+                self.messages.pop(write.ending.id, None)
+                write.ending.body = None
             if write.deferred is not None:
                 write.deferred.callback(result)
-        for segment in sealed:
-            if not segment.live:
-                self._writer.submit(segment)
 
 
 def take_lock(queue_dir: Path) -> int | None:

@@ -8,6 +8,7 @@ import errno
 import os
 import queue as threadqueue
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -16,16 +17,21 @@ from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
 from qtwist.fsutil import fsync_directory
+from qtwist.queue.index import Index, State
 from qtwist.queue.records import SEGMENT_LIMIT, QueuedMessage, Records, Segment
 
 log = Logger(namespace="qtwist.queue")
+
+# A new message still held this long (seconds) enters the index.
+INDEX_AFTER = 5.0
 
 
 @dataclass(eq=False)
 class Write:
     """One record for the writer.  ``segment`` None means: the active segment
     (a new message, ``message``); the writer fills in where it went.
-    ``ending`` is the message an E record ends.  A ``durable`` record is
+    ``ending`` is the message an E record ends; ``state`` is what the index
+    keeps of a message whose recipients changed.  A ``durable`` record is
     fdatasynced before its Deferred fires; the others (results, retry times,
     ends) reach the disk with the next fdatasync of their file or at close:
     losing them in a crash repeats a delivery, never loses a message."""
@@ -37,27 +43,44 @@ class Write:
     message: QueuedMessage | None = None
     body_offset: int = 0
     ending: QueuedMessage | None = None
+    state: tuple[int, State] | None = None  # (message id, its new state)
     offset: int = 0
     error: OSError | None = None
 
 
+@dataclass(eq=False)
+class Work:
+    """Something to do with the index on the writer's thread, in order with
+    the records: ``job(writer)``'s result fires ``deferred`` on the reactor."""
+
+    job: Callable[[Writer], object]
+    deferred: Deferred | None = None
+
+
 class Writer(threading.Thread):
-    """Appends records and makes them durable, many per fdatasync."""
+    """Appends records and makes them durable, many per fdatasync; keeps the
+    index up to date and removes segments once no message lives in them."""
 
     def __init__(self, seg_dir: Path, records: Records, next_number: Callable[[], int], reactor,
-                 committed: Callable[[list[Write], list[Segment]], None]):
+                 committed: Callable[[list[Write]], None], index: Index,
+                 segments: dict[int, Segment]):
         super().__init__(name="qtwist-queue-writer", daemon=True)
         self.seg_dir = seg_dir
         self.records = records
         self.next_number = next_number
         self.reactor = reactor
         self.committed = committed
+        self.index = index
+        self.segments = segments
         self.inbox: threadqueue.SimpleQueue = threadqueue.SimpleQueue()
         self.active: Segment | None = None
         self.unsynced: set[Segment] = set()
+        # New messages the index has not heard of, per segment, oldest first:
+        # id -> (offset of the M record, the message, when it was written).
+        self.fresh: dict[Segment, dict[int, tuple[int, QueuedMessage, float]]] = {}
 
-    def submit(self, item: list[Write] | Segment | None) -> None:
-        """Records to write, a finished segment to remove, or None to stop."""
+    def submit(self, item: list[Write | Work] | None) -> None:
+        """Records and work, in order, or None to stop."""
         self.inbox.put(item)
 
     def run(self) -> None:
@@ -65,34 +88,122 @@ class Writer(threading.Thread):
             batch: list = []
             item = self.inbox.get()
             while True:
-                if isinstance(item, list):
-                    batch.extend(item)
+                if item is None:
+                    batch.append(None)
                 else:
-                    batch.append(item)
+                    batch.extend(item)
                 try:
                     item = self.inbox.get_nowait()
                 except threadqueue.Empty:
                     break
-            stopping = None in batch
             writes = [item for item in batch if isinstance(item, Write)]
+            sealed: list[Segment] = []
             try:
                 sealed = self._write_batch(writes) if writes else []
-                for item in batch:
-                    if isinstance(item, Segment):
-                        self._unlink(item)
             except Exception as error:  # a bug must not stop the writer: every session waiting hears of it
                 log.failure("queue: the writer failed; the records of this batch are not written")
-                sealed = []
                 for write in writes:
                     write.error = write.error or OSError(errno.EIO, f"internal error ({error!r})")
             if writes:
-                self.reactor.callFromThread(self.committed, writes, sealed)
-            if stopping:
+                # The index first: once a client has its 250, qstat counts the message.
+                self._keep_index(writes, sealed)
+                self.reactor.callFromThread(self.committed, writes)
+            for item in batch:
+                if isinstance(item, Work):
+                    self._work(item)
+            if None in batch:
+                self._index_the_rest()
                 self._sync_the_rest()
                 if self.active is not None and self.active.fd is not None:
                     os.close(self.active.fd)
                     self.active.fd = None
+                self.index.close()
                 return
+
+    def _keep_index(self, writes: list[Write], sealed: list[Segment]) -> None:
+        """The index learns what the batch wrote; segments left with no
+        message are removed.
+
+        Most messages are delivered within moments of their 250: the index
+        never hears of them.  A new message enters it once it is let go,
+        once it has waited INDEX_AFTER seconds, or at stop; until then the
+        index's mark of what it applied of the segment stays before the
+        message, so recovery after a crash reads it (and what followed it)
+        from the segment again.  An error here is logged: recovery at the
+        next start reads these records again from the segments."""
+        touched: set[Segment] = set(sealed)
+        now = time.monotonic()
+        try:
+            with self.index.transaction():
+                for write in writes:
+                    if write.error is not None:
+                        continue
+                    segment = write.segment
+                    touched.add(segment)
+                    if write.message is not None:
+                        self.fresh.setdefault(segment, {})[write.message.id] = (write.offset, write.message, now)
+                    elif write.ending is not None:
+                        if self.fresh.get(segment, {}).pop(write.ending.id, None) is None:
+                            self.index.remove(write.ending.id)
+                    elif write.state is not None and write.state[0] not in self.fresh.get(segment, {}):
+                        self.index.update(*write.state)
+                for segment, waiting in self.fresh.items():
+                    while waiting:
+                        message_id, (_, message, written) = next(iter(waiting.items()))
+                        if now - written < INDEX_AFTER:
+                            break
+                        del waiting[message_id]
+                        self.index.add(message, held=True)
+                        touched.add(segment)
+                for segment in touched:
+                    self.index.applied(segment.number, self._applied(segment))
+            for segment in touched:
+                if segment.sealed and not self.fresh.get(segment) and self.index.segment_empty(segment.number):
+                    self.fresh.pop(segment, None)
+                    self._unlink(segment)
+        except Exception:
+            log.failure("queue: the index could not be brought up to date")
+
+    def _applied(self, segment: Segment) -> int:
+        """How much of ``segment`` the index reflects: up to its first new
+        message the index has not heard of."""
+        waiting = self.fresh.get(segment)
+        return next(iter(waiting.values()))[0] if waiting else segment.size
+
+    def let_go(self, message: QueuedMessage, state: State) -> None:
+        """The server stops holding ``message``: the index keeps it, due when ``state`` says."""
+        segment = message.segment
+        with self.index.transaction():
+            if self.fresh.get(segment, {}).pop(message.id, None) is not None:
+                self.index.add(message, held=False)
+                self.index.applied(segment.number, self._applied(segment))
+            self.index.update(message.id, state, held=False)
+
+    def _index_the_rest(self) -> None:
+        """At stop: new messages still held enter the index, so the next
+        start has nothing to read again."""
+        with self.index.transaction():
+            for segment, waiting in self.fresh.items():
+                for _, message, _ in waiting.values():
+                    self.index.add(message, held=True)
+                waiting.clear()
+                self.index.applied(segment.number, segment.size)
+
+    def write_now(self, writes: list[Write]) -> None:
+        """For work on this thread: records written, made durable and applied
+        to the index at once (their ``error`` says if one failed)."""
+        self._keep_index(writes, self._write_batch(writes))
+
+    def _work(self, work: Work) -> None:
+        try:
+            result = work.job(self)
+        except Exception as error:
+            log.failure("queue: index work failed")
+            if work.deferred is not None:
+                self.reactor.callFromThread(work.deferred.errback, error)
+            return
+        if work.deferred is not None:
+            self.reactor.callFromThread(work.deferred.callback, result)
 
     def _sync_the_rest(self) -> None:
         """At close: what was written without fdatasync goes to disk now."""
@@ -107,12 +218,16 @@ class Writer(threading.Thread):
     def _unlink(self, segment: Segment) -> None:
         self.unsynced.discard(segment)
         segment.close()
+        self.segments.pop(segment.number, None)
         try:
             os.unlink(segment.path)
         except FileNotFoundError:
             pass
         except OSError as error:  # it stays: recovery at the next start finds only ended messages in it
             log.error("queue: cannot remove {path}: {why}", path=str(segment.path), why=error.strerror)
+            return
+        with self.index.transaction():
+            self.index.drop_segment(segment.number)
 
     def _activate(self) -> tuple[Segment, Segment | None]:
         """The segment new messages go to, and the one just retired if full."""
@@ -122,7 +237,7 @@ class Writer(threading.Thread):
             retired = self.active
         if self.active is None or self.active.sealed:
             number = self.next_number()
-            self.active = Segment(number, self.seg_dir / f"{number:012d}", self.records)
+            self.active = self.segments[number] = Segment(number, self.seg_dir / f"{number:012d}", self.records)
         return self.active, retired
 
     def _write_batch(self, writes: list[Write]) -> list[Segment]:
@@ -146,6 +261,8 @@ class Writer(threading.Thread):
                     continue
                 created = True
             write.offset = segment.size
+            if write.message is not None:  # not yet seen by any other thread
+                write.message.segment, write.message.offset = segment, write.offset + write.body_offset
             segment.size += len(write.data)
             chunks.setdefault(segment, []).append(write.data)
             if write.durable:

@@ -44,7 +44,7 @@ class LocalSpawnTests(TestCase):
         hold.write_text(f"|touch {self.started}; read line < {self.fifo}\n")
         hold.chmod(0o644)
         self.queue = Queue(self.home, reactor)
-        self.queue.open()
+        self.queue.open(1000)
         self.addCleanup(self.queue.close)
         self.spawn = LocalSpawn(reactor, self.home)
         self.spawn.start()

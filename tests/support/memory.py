@@ -156,7 +156,7 @@ class SMTPRig:
         """``users`` replaces the home's user store (with one that fails, say)."""
         self.home = home
         self.queue = Queue(home.path, reactor, clock=home.clock)
-        self.queue.open()
+        self.queue.open(1000)
         self.queued: list[QueuedMessage] = []
         self.factory = SMTPFactory(settings=lambda: home.settings, rules=lambda: home.control.rules,
                                    queue=self.queue, queued=self.queued.append, clock=home.clock,

@@ -168,7 +168,7 @@ class ThreadedJobTests(TestCase):
 
     async def test_a_failed_queue_write_fails_its_message_and_the_writer_goes_on(self) -> None:
         queue = Queue(self.path, reactor)
-        queue.open()
+        queue.open(1000)
         self.addCleanup(queue.close)
         real_open = os.open
 

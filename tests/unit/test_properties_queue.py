@@ -1,9 +1,9 @@
-"""Properties of the queue's readers: segment recovery (queue.records.scan),
+"""Properties of the queue's readers: segment recovery (queue.index.recover),
 the pickup directory's files (queue.todo) and sendmail's command line
 (inject.parse_arguments).
 
 A damaged segment (a torn tail, a flipped bit, junk appended or inserted)
-may lose records, never produce a wrong message: every message scan returns
+may lose records, never produce a wrong message: every message recovery finds
 was written, with its id, envelope and body, and its recipients in a state
 that was recorded for them.
 """
@@ -20,8 +20,10 @@ from hypothesis import event, given, settings
 from hypothesis import strategies as st
 
 from qtwist.inject import InjectError, Request, parse_arguments
-from qtwist.queue.records import DELIVERED, FAILED, KEY_FILE, KEY_SIZE, LEGACY, PENDING, Recipient, Records, scan
+from qtwist.queue.index import open_index, recover
+from qtwist.queue.records import DELIVERED, FAILED, KEY_FILE, KEY_SIZE, LEGACY, PENDING, Recipient, Records
 from qtwist.queue.todo import TODO_MAGIC, drop_todo, parse_todo
+from tests.support.queuefiles import ReadBack, forget_index, read_back
 
 SEGMENT = "000000000001"
 KEY = bytes(range(KEY_SIZE))
@@ -99,23 +101,34 @@ def _write(directory: Path, data: bytes) -> Path:
     return queue_dir
 
 
+def _recovered(queue_dir: Path) -> ReadBack:
+    """The server's start on the queue itself, from its segments alone: it repairs them."""
+    forget_index(queue_dir)
+    index = open_index(queue_dir)
+    try:
+        recovery = recover(queue_dir, index)
+        messages = {message.id: message for message in index.messages(recovery.segments)}
+        for message in messages.values():
+            message.body = message.read_body()
+    finally:
+        index.close()
+        for segment in recovery.segments.values():
+            segment.close()
+    return ReadBack(messages, recovery.problems)
+
+
 def _found(queue_dir: Path, repair: bool = False) -> tuple[dict, list[str]]:
-    """What scan makes of the queue: id → (sender, recipients, body, states)."""
-    result = scan(queue_dir, repair=repair)
-    found = {}
-    for message in result.messages.values():
-        with open(message.segment.path, "rb") as handle:
-            handle.seek(message.offset)
-            data = handle.read(message.size)
-        found[message.id] = (message.sender, [r.address for r in message.recipients], data,
-                             [(r.state, r.text, r.next_try) for r in message.recipients])
-        message.segment.close()
+    """What recovery makes of the queue: id → (sender, recipients, body, states)."""
+    result = _recovered(queue_dir) if repair else read_back(queue_dir)
+    found = {message.id: (message.sender, [r.address for r in message.recipients], message.body,
+                          [(r.state, r.text, r.next_try) for r in message.recipients])
+             for message in result.messages.values()}
     return found, result.problems
 
 
 def _assert_only_written(found: dict, written: dict[int, Written]) -> None:
     for message_id, (sender, recipients, data, states) in found.items():
-        assert message_id in written, f"scan made up message {message_id}"
+        assert message_id in written, f"recovery made up message {message_id}"
         message = written[message_id]
         assert (sender, recipients, data) == (message.sender, message.recipients, message.body)
         for index, state in enumerate(states):
@@ -175,12 +188,12 @@ def test_a_damaged_segment_loses_records_but_never_makes_a_wrong_message(scratch
 
 @settings(max_examples=60, deadline=None)
 @given(st.binary(max_size=200), st.sampled_from(["000000000001", "x", "00000000000a", "000000000002", "1.tmp", "00000000000\u00b2", "\u0661"]))
-def test_scan_reads_any_file_without_raising(scratch: Path, data: bytes, name: str) -> None:
+def test_recovery_reads_any_file_without_raising(scratch: Path, data: bytes, name: str) -> None:
     queue_dir = _write(scratch, b"")
     (queue_dir / "seg" / SEGMENT).unlink()
     (queue_dir / "seg" / name).write_bytes(data)
-    scan(queue_dir)
-    scan(queue_dir, repair=True)
+    _found(queue_dir)
+    _found(queue_dir, repair=True)
 
 
 # -- queue/todo ----------------------------------------------------------------------------------------

@@ -13,7 +13,7 @@ from twisted.trial import unittest
 from qtwist.queue import DELIVERED, FAILED, Queue, QueueError, Recipient
 from qtwist.queue.admin import queue_read, queue_remove, queue_stat
 from qtwist.queue import records, writer
-from qtwist.queue.records import scan
+from tests.support.queuefiles import forget_index, read_back
 from qtwist.queue.todo import TODO_SCRATCH_LIFETIME, drop_todo, remove_todo, take_todo
 
 
@@ -22,14 +22,14 @@ class QueueTests(unittest.TestCase):
         self.home = Path(tempfile.mkdtemp(prefix="qtwist-queue-test-"))
         self.addCleanup(shutil.rmtree, self.home, True)
         self.queue = Queue(self.home, reactor)
-        self.assertEqual(self.queue.open(), [])
+        self.assertEqual(self.queue.open(1000), [])
 
     def tearDown(self):
         return self.queue.close()
 
     async def test_accepted_message_is_on_disk_when_the_deferred_fires(self) -> None:
         message = await self.queue.accept("a@x.test", ["b@example.test"], b"Subject: hi\n\nbody\n")
-        found = scan(self.home / "queue").messages
+        found = read_back(self.home / "queue").messages
         self.assertIn(message.id, found)
         self.assertEqual(found[message.id].read_body(), b"Subject: hi\n\nbody\n")
         self.assertEqual(found[message.id].sender, "a@x.test")
@@ -41,7 +41,7 @@ class QueueTests(unittest.TestCase):
         messages = await gatherResults([self.queue.accept("s@x.test", ["r@y.test"], body)
                                         for body in bodies])
         self.assertEqual(len({m.id for m in messages}), 50)
-        stored = scan(self.home / "queue").messages
+        stored = read_back(self.home / "queue").messages
         for message, body in zip(messages, bodies):
             self.assertEqual(stored[message.id].read_body(), body)
 
@@ -56,7 +56,7 @@ class QueueTests(unittest.TestCase):
         await self.queue.close()
 
         self.queue = Queue(self.home, reactor)
-        recovered = self.queue.open()
+        recovered = self.queue.open(1000)
         self.assertEqual([m.id for m in recovered], [message.id])
         states = [(r.state, r.text) for r in recovered[0].recipients]
         self.assertEqual(states, [(DELIVERED, ""), (FAILED, "no such user")])
@@ -69,7 +69,7 @@ class QueueTests(unittest.TestCase):
         with open(segment, "ab") as handle:
             handle.write(record[:-5])  # a write that never finished: no 250 was given
         self.queue = Queue(self.home, reactor)
-        recovered = self.queue.open()
+        recovered = self.queue.open(1000)
         self.assertEqual([m.id for m in recovered], [message.id])
         self.assertEqual(recovered[0].read_body(), b"kept\n")
 
@@ -81,15 +81,16 @@ class QueueTests(unittest.TestCase):
         data = bytearray(segment.read_bytes())
         data[data.find(b"first message body")] ^= 0xFF
         segment.write_bytes(bytes(data))
+        forget_index(self.home / "queue")  # the segment is read again from its start
         self.queue = Queue(self.home, reactor)
-        recovered = self.queue.open()
+        recovered = self.queue.open(1000)
         self.assertEqual([m.id for m in recovered], [second.id])
         self.assertNotIn(first.id, [m.id for m in recovered])
         self.assertTrue(list((self.home / "queue" / "corrupt").iterdir()))
 
     async def test_records_quoted_in_a_body_are_never_taken_for_real_ones(self) -> None:
         """A body may carry whole records (a forged end for another message, a
-        made-up message): neither a torn tail nor a damaged header lets scan
+        made-up message): neither a torn tail nor a damaged header lets recovery
         read them, since their MACs need the queue's key."""
         kept = await self.queue.accept("s@x.test", ["a@y.test"], b"kept\n")
         forger = records.Records(os.urandom(records.KEY_SIZE))
@@ -103,15 +104,17 @@ class QueueTests(unittest.TestCase):
 
         torn, _ = self.queue.records.message(after.id + 1, 0.0, "s@x.test", [], b"Subject: q\n\n" + quoted)
         segment.write_bytes(clean + torn[:-3])
-        found = scan(self.home / "queue", repair=True)
-        self.assertEqual(sorted(found.messages), [kept.id, carrier.id, after.id])
+        forget_index(self.home / "queue")
+        self.queue = Queue(self.home, reactor)
+        self.assertEqual(sorted(m.id for m in self.queue.open(1000)), [kept.id, carrier.id, after.id])
+        await self.queue.close()
         self.assertEqual(segment.read_bytes(), clean)
 
         header = clean.find(self.queue.records.magic, clean.find(b"kept\n"))
         damaged = bytearray(clean)
         damaged[header + 6] ^= 0x01  # the carrier's id
         segment.write_bytes(bytes(damaged))
-        found = scan(self.home / "queue")
+        found = read_back(self.home / "queue")
         self.assertEqual(sorted(found.messages), [kept.id, after.id])
         self.assertEqual(found.messages[after.id].read_body(), b"after\n")
 
@@ -124,16 +127,16 @@ class QueueTests(unittest.TestCase):
             + legacy.message(2, 0.0, "s@x.test", [Recipient("b@y.test")], b"two\n")[0])
         self.assertEqual(queue_remove(self.home, ["1"], None), 1)
         self.queue = Queue(self.home, reactor)
-        [message] = self.queue.open()
+        [message] = self.queue.open(1000)
         self.assertEqual((message.id, message.read_body()), (2, b"two\n"))
         message.recipients[0].state = DELIVERED
         self.queue.record_result(message, 0)
         await self.queue.close()
-        found = scan(self.home / "queue")
+        found = read_back(self.home / "queue")
         self.assertEqual(found.problems, [])
         self.assertEqual([r.state for r in found.messages[2].recipients], [DELIVERED])
         self.queue = Queue(self.home, reactor)
-        self.queue.open()
+        self.queue.open(1000)
 
     async def test_a_replaced_key_moves_segments_aside_whole(self) -> None:
         await self.queue.accept("s@x.test", ["a@y.test"], b"m\n")
@@ -142,7 +145,7 @@ class QueueTests(unittest.TestCase):
         kept = segment.read_bytes()
         (self.home / "queue" / "key").unlink()
         self.queue = Queue(self.home, reactor)
-        self.assertEqual(self.queue.open(), [])
+        self.assertEqual(self.queue.open(1000), [])
         [aside] = (self.home / "queue" / "corrupt").iterdir()
         self.assertEqual(aside.read_bytes(), kept)
 
@@ -150,13 +153,13 @@ class QueueTests(unittest.TestCase):
         await self.queue.close()
         (self.home / "queue" / "seg" / "000000000001").write_bytes(b"\x00garbage that is not a queue")
         self.queue = Queue(self.home, reactor)
-        self.assertEqual(self.queue.open(), [])
+        self.assertEqual(self.queue.open(1000), [])
         self.assertEqual(os.listdir(self.home / "queue" / "seg"), [])
         self.assertEqual(len(os.listdir(self.home / "queue" / "corrupt")), 1)
 
     async def test_second_server_cannot_open_the_same_queue(self) -> None:
         other = Queue(self.home, reactor)
-        self.assertRaises(QueueError, other.open)
+        self.assertRaises(QueueError, other.open, 1000)
 
     async def test_segment_file_is_removed_when_all_its_messages_ended(self) -> None:
         self.patch(writer, "SEGMENT_LIMIT", 1)  # every message gets a segment of its own
@@ -176,7 +179,7 @@ class QueueTests(unittest.TestCase):
         self.assertEqual(queue_stat(self.home), (0, 0))
         self.assertRaises(QueueError, queue_remove, self.home, ["12345"], None)
         self.queue = Queue(self.home, reactor)
-        self.assertEqual(self.queue.open(), [])
+        self.assertEqual(self.queue.open(1000), [])
 
 
 class TodoTests(unittest.TestCase):

@@ -319,7 +319,7 @@ class RoutingTests(RemoteDeliveryTests):
 
         async def check() -> None:
             outcomes = await self.deliver(self.remote(), self.routed("127.0.0.2", port), ["b@example.test"])
-            self.assertEqual(outcomes, [Outcome.deferral(NO_CONNECTION)])
+            self.assertEqual(outcomes, [Outcome.deferral(NO_CONNECTION, unreachable=True)])
 
         return self.drive(check())
 

@@ -260,7 +260,7 @@ class BounceTests(SchedulerTestCase):
     async def test_a_message_resolved_but_not_ended_at_a_crash_is_bounced_and_ended_at_start(self) -> None:
         await self.rig.stop()
         queue = Queue(self.home.path, reactor, clock=self.clock)
-        queue.open()
+        queue.open(1000)
         message = await queue.accept(ALICE, ["gone@remote.test", "ok@remote.test"], MESSAGE)
         for index, (state, text) in enumerate([("failed", GONE.text), (DELIVERED, DONE.text)]):
             message.recipients[index].state, message.recipients[index].text = state, text
