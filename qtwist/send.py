@@ -368,10 +368,10 @@ class Scheduler(Service):
             self.waiting = [entry for entry in self.waiting if self._current(entry[2])]
             heapq.heapify(self.waiting)
         self._released_due = None
-        return self.queue.take_due(room).addCallback(self._took)
+        return self._track(self._take(room), "taking the messages due soonest from the queue index")
 
-    def _took(self, result: tuple[list[QueuedMessage], float | None]) -> None:
-        taken, next_due = result
+    async def _take(self, room: int) -> None:
+        taken, next_due = await self.queue.take_due(room)
         if next_due is None or (self._released_due is not None and self._released_due < next_due):
             next_due = self._released_due
         self._index_due = next_due

@@ -1,0 +1,151 @@
+"""A queue bigger than the server holds: the index keeps the messages past
+queueactivelimit until they are due, a dead destination's messages wait
+untried, and flush, rm, qstat and restarts reach what only the index holds.
+On a Clock over the real queue (tests/support/memory.py)."""
+
+from __future__ import annotations
+
+import os
+
+from twisted.internet import reactor
+from twisted.internet.threads import deferToThread
+
+from qtwist.delivery import Outcome
+from qtwist.queue import Queue
+from qtwist.queue.admin import queue_flush, queue_read, queue_remove, queue_stat
+from qtwist.queue.index import Index, open_index
+from qtwist.remote import NO_CONNECTION
+from qtwist.send import next_retry
+from tests.support.memory import wait_for
+from tests.support.queuefiles import read_back
+from tests.unit.test_send import ALICE, DONE, LATER, SchedulerTestCase
+
+UNREACHABLE = Outcome.deferral(NO_CONNECTION, unreachable=True)
+
+
+class ActiveLimitTests(SchedulerTestCase):
+    controls = {"queueactivelimit": "3\n"}
+
+    async def defer_all(self, count: int) -> list:
+        """``count`` messages to as many remote domains, each deferred once."""
+        messages = [await self.send(ALICE, [f"x@remote{n}.test"]) for n in range(count)]
+        await wait_for(lambda: len(self.rig.remote.waiting) == count, "every first try")
+        for attempt in self.rig.remote.waiting:
+            attempt.answer(LATER)
+        await self.rig.settled()
+        return messages
+
+    async def until(self, condition, what: str, step: float = 1.0, limit: int = 2000) -> None:
+        """Advance the clock a second at a time (the index is looked at once a
+        second, from its writer thread) until ``condition()``."""
+        for _ in range(limit):
+            if condition():
+                return
+            self.clock.advance(step)
+            await wait_for(lambda: self.rig.scheduler.unfinished <= len(self.rig.remote.waiting), "the scheduler")
+        self.fail(f"gave up waiting for {what}")
+
+    async def test_past_the_limit_deferred_messages_wait_in_the_index_and_come_back_when_due(self) -> None:
+        messages = await self.defer_all(6)
+        self.assertLessEqual(len(self.rig.queue.messages), 3)
+        self.assertEqual(queue_stat(self.home.path), (6, 0))
+        retry = next_retry(messages[-1].born, self.clock.seconds(), "remote") - self.clock.seconds()
+        self.clock.advance(retry - 5)
+        await wait_for(lambda: True, "a turn")
+        self.assertEqual(self.rig.remote.waiting, [])  # none early
+        tried = set()
+        while len(tried) < 6:
+            await self.until(lambda: self.rig.remote.waiting, "a retry")
+            for attempt in self.rig.remote.waiting:
+                tried.add(attempt.recipients[0])
+                attempt.answer(DONE)
+            await self.rig.settled()
+        self.assertEqual(tried, {f"x@remote{n}.test" for n in range(6)})
+        self.assertLessEqual(len(self.rig.queue.messages), 3)
+        await self.until(lambda: queue_stat(self.home.path) == (0, 0), "an empty queue")
+
+    async def test_flush_retries_what_only_the_index_holds(self) -> None:
+        await self.defer_all(5)
+        flushed_at = self.clock.seconds()
+        queue_flush(self.home.path)
+        tried = set()
+        while len(tried) < 5:
+            await self.until(lambda: self.rig.remote.waiting, "a flushed retry")
+            for attempt in self.rig.remote.waiting:
+                tried.add(attempt.recipients[0])
+                attempt.answer(DONE)
+            await self.rig.settled()
+        self.assertLess(self.clock.seconds() - flushed_at, 60)  # long before any retry was due
+
+    async def test_queue_rm_removes_a_message_only_the_index_holds(self) -> None:
+        messages = await self.defer_all(5)
+        unheld = next(m for m in messages if m.id not in self.rig.queue.messages)
+        removing = deferToThread(queue_remove, self.home.path, [str(unheld.id)], None, 10)
+        requests = self.home.path / "queue" / "rm"
+        await wait_for(lambda: [name for name in os.listdir(requests) if not name.startswith(".")],
+                       "the removal request")
+        self.clock.advance(1)  # the scheduler looks at queue/rm once a second
+        self.assertEqual(await removing, 1)
+        await self.until(lambda: self.logged(f"removed msg {unheld.id} by request"), "the log line")
+        self.assertEqual(queue_stat(self.home.path), (4, 0))
+        self.assertNotIn(unheld.id, [m.id for m in queue_read(self.home.path)])
+
+
+class DeadDestinationTests(SchedulerTestCase):
+    controls = {"queueactivelimit": "2\n"}
+
+    async def test_a_dead_destination_costs_one_try_and_the_rest_wait_for_its_retry(self) -> None:
+        first = await self.send(ALICE, ["a@dead.test"])
+        await self.answer(self.rig.remote, UNREACHABLE)
+        until = next_retry(self.clock.seconds(), self.clock.seconds(), "remote")
+        self.assertIsNotNone(self.logged(rf"destination dead\.test unreachable: its messages wait until {int(until)}"))
+        for n in range(5):
+            await self.send(ALICE, [f"b{n}@dead.test"])
+        await self.rig.settled()
+        self.assertEqual(len(self.rig.remote.attempts), 1)  # the others were put off, untried
+        self.assertEqual(len([line for line in self.log() if line.startswith("delivery put off: msg ")]), 5)
+        self.assertLessEqual(len(self.rig.queue.messages), 2)
+        self.clock.advance(until - self.clock.seconds() - 1)
+        await self.rig.settled()
+        self.assertEqual(len(self.rig.remote.attempts), 1)
+        # At the destination's retry time its messages are tried again; one answer revives it.
+        delivered = set()
+        for _ in range(100):
+            self.clock.advance(1)
+            await self.rig.settled()
+            for attempt in self.rig.remote.waiting:
+                delivered.add(attempt.recipients[0])
+                attempt.answer(DONE)
+            if len(delivered) == 6:
+                break
+        self.assertEqual(delivered, {"a@dead.test"} | {f"b{n}@dead.test" for n in range(5)})
+        self.assertNotIn(first.id, self.rig.queue.messages)
+
+
+class RestartTests(SchedulerTestCase):
+    async def test_start_reads_only_what_the_index_has_not_applied(self) -> None:
+        """Damage inside what the index already holds goes unnoticed at start
+        (it is not read again); a torn write beyond it is cut off."""
+        kept = await self.rig.queue.accept(ALICE, ["x@remote.test"], b"Subject: kept\n\nbody\n")
+        await self.rig.stop()
+        segment = next((self.home.path / "queue" / "seg").iterdir())
+        data = bytearray(segment.read_bytes())
+        data[data.find(b"Subject: kept") + 1] ^= 0x20  # inside the body: only a full read would see it
+        segment.write_bytes(bytes(data) + b"QTW2 torn")
+        queue = Queue(self.home.path, reactor, clock=self.clock)
+        self.assertEqual([m.id for m in queue.open(10)], [kept.id])
+        await queue.close()
+        self.assertFalse((self.home.path / "queue" / "corrupt").exists())
+        self.assertEqual(segment.read_bytes(), bytes(data))
+        index = open_index(self.home.path / "queue")
+        self.assertEqual(index.segments_applied(), {int(segment.name): len(data)})
+        index.close()
+
+    async def test_qstat_and_qread_see_new_messages_the_index_has_not_heard_of(self) -> None:
+        message = await self.send(ALICE, ["x@remote.test"])
+        index = Index(self.home.path / "queue" / "index.sqlite", readonly=True)
+        self.addCleanup(index.close)
+        self.assertEqual(index.count(), 0)  # delivered within moments, most never enter it
+        self.assertEqual(queue_stat(self.home.path), (1, 0))
+        self.assertEqual([m.id for m in queue_read(self.home.path)], [message.id])
+        self.assertEqual(list(read_back(self.home.path / "queue").messages), [message.id])
