@@ -54,6 +54,8 @@ POLL_INTERVAL = 1.0
 # At most this many held messages due late make room at once for messages
 # due sooner that wait in the index.
 MAKE_ROOM = 1000
+# How often (seconds) segments mostly made of ended messages are compacted.
+COMPACT_INTERVAL = 60.0
 STOP_GRACE = 30.0
 LOG_INTERVAL = 0.05
 # qmail-send's logsafe(): newlines become '/', and anything outside '!'..'~'
@@ -154,6 +156,7 @@ class Scheduler(Service):
         self._index_due: float | None = None
         self._released_due: float | None = None
         self._filler = Periodic("queue index: taking the messages due soonest", self._fill, POLL_INTERVAL, clock)
+        self._compactor = Periodic("queue compaction", self._compact, COMPACT_INTERVAL, clock)
         self._sequence = itertools.count()
         self._deliveries = itertools.count(1)
         self._timer = None
@@ -185,6 +188,7 @@ class Scheduler(Service):
         gc.freeze()
         self._poller.startService()
         self._filler.startService()
+        self._compactor.startService()
         self._pump()
 
     def stopService(self) -> Deferred:
@@ -192,7 +196,7 @@ class Scheduler(Service):
         results (as qmail-send's exitasap does), then close the queue.  One that
         outlasts STOP_GRACE is retried after the next start."""
         super().stopService()
-        for periodic in (self._poller, self._filler):
+        for periodic in (self._poller, self._filler, self._compactor):
             if periodic.running:
                 periodic.stopService()
         if self._timer is not None and self._timer.active():
@@ -345,6 +349,14 @@ class Scheduler(Service):
         self.queue.release(message)
         self._index_due = due if self._index_due is None else min(self._index_due, due)
         self._released_due = due if self._released_due is None else min(self._released_due, due)
+
+    def _compact(self) -> Deferred:
+        return self._track(self._compact_queue(), "compacting the queue")
+
+    async def _compact_queue(self) -> None:
+        moved = await self.queue.compact()
+        if moved:
+            self.log(f"compacted the queue: moved {moved} messages out of segments mostly ended")
 
     def _fill(self) -> Deferred | None:
         """Once a second: take the messages due soonest from the index while

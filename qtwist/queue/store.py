@@ -170,6 +170,25 @@ class Queue:
             return [write.ending.id for write in writes if write.error is None]
         return self._ask(remove)
 
+    def compact(self) -> Deferred:
+        """Compact the segments mostly made of ended messages (Writer.compact),
+        a step at a time between other work; fires with how many messages moved."""
+        done = Deferred()
+        total = 0
+
+        def step(writer: Writer, numbers: list[int]) -> None:
+            nonlocal total
+            while numbers:
+                moved = writer.compact(numbers[0])
+                if moved:
+                    total += moved
+                    writer.submit([Work(lambda writer: step(writer, numbers))])
+                    return
+                numbers.pop(0)
+            self.reactor.callFromThread(done.callback, total)
+        self._submit(Work(lambda writer: step(writer, sorted(writer.segments))))
+        return done
+
     def _in_chunks(self, step) -> Deferred:
         """Bulk index work a chunk at a time, the records of other work in
         between; fires with the rows it changed."""

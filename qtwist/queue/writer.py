@@ -5,6 +5,7 @@ reactor never waits on it at all."""
 from __future__ import annotations
 
 import errno
+import json
 import os
 import queue as threadqueue
 import threading
@@ -17,13 +18,16 @@ from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
 from qtwist.fsutil import fsync_directory
-from qtwist.queue.index import Index, State
-from qtwist.queue.records import SEGMENT_LIMIT, QueuedMessage, Records, Segment
+from qtwist.queue.index import Index, State, decode_recipients
+from qtwist.queue.records import PENDING, SEGMENT_LIMIT, QueuedMessage, Records, Segment
 
 log = Logger(namespace="qtwist.queue")
 
 # A new message still held this long (seconds) enters the index.
 INDEX_AFTER = 5.0
+# Messages one step of compaction moves, so the records of sessions waiting
+# on the writer are never held up long.
+COMPACT_CHUNK = 500
 
 
 @dataclass(eq=False)
@@ -178,6 +182,49 @@ class Writer(threading.Thread):
                 self.index.add(message, held=False)
                 self.index.applied(segment.number, self._applied(segment))
             self.index.update(message.id, state, held=False)
+
+    def compact(self, number: int) -> int:
+        """One step of compacting segment ``number`` if it is sealed, mostly
+        made of ended messages, and holds none the server works on: up to
+        COMPACT_CHUNK of its live messages are written again (with their
+        recipients' states) at the end of the active segment, durably, and
+        the index then points at the copies, in one transaction with its
+        mark of what it applied.  The segment goes once none is left.  A
+        crash at any point leaves each message in one place or the other,
+        with the same id: recovery takes the copy if the index had not.
+        Returns how many messages moved."""
+        segment = self.segments.get(number)
+        if segment is None or not segment.sealed or segment is self.active or self.fresh.get(segment):
+            return 0
+        live, held = self.index.live_in(number)
+        if held or live * 2 >= segment.size:
+            return 0
+        rows = self.index.in_segment(number, COMPACT_CHUNK)
+        writes, moving = [], []
+        for message_id, offset, size, born, sender, recipients in rows:
+            body = segment.pread(size, offset)
+            message = QueuedMessage(message_id, born, json.loads(sender), decode_recipients(recipients), size)
+            data, body_offset = self.records.message(message_id, born, message.sender, message.recipients, body)
+            for index, recipient in enumerate(message.recipients):
+                if recipient.state != PENDING:
+                    data += self.records.result(message_id, index, recipient)
+                elif recipient.next_try or recipient.text:
+                    data += self.records.deferral(message_id, index, recipient.next_try, recipient.text)
+            writes.append(Write(data, None))
+            moving.append((message_id, body_offset))
+        self._write_batch(writes)
+        if any(write.error is not None for write in writes):
+            log.error("queue: compacting {path} failed: {why}", path=str(segment.path),
+                      why=next(write.error.strerror for write in writes if write.error is not None))
+            return 0
+        with self.index.transaction():
+            for write, (message_id, body_offset) in zip(writes, moving):
+                self.index.moved(message_id, write.segment.number, write.offset + body_offset)
+            for target in {write.segment for write in writes}:
+                self.index.applied(target.number, self._applied(target))
+        if self.index.segment_empty(number):
+            self._unlink(segment)
+        return len(writes)
 
     def _index_the_rest(self) -> None:
         """At stop: new messages still held enter the index, so the next

@@ -11,7 +11,7 @@ from twisted.internet import reactor
 from twisted.internet.threads import deferToThread
 
 from qtwist.delivery import Outcome
-from qtwist.queue import Queue
+from qtwist.queue import DELIVERED, Queue
 from qtwist.queue.admin import queue_flush, queue_read, queue_remove, queue_stat
 from qtwist.queue.index import Index, open_index
 from qtwist.remote import NO_CONNECTION
@@ -149,3 +149,51 @@ class RestartTests(SchedulerTestCase):
         self.assertEqual(queue_stat(self.home.path), (1, 0))
         self.assertEqual([m.id for m in queue_read(self.home.path)], [message.id])
         self.assertEqual(list(read_back(self.home.path / "queue").messages), [message.id])
+
+
+class CompactionTests(SchedulerTestCase):
+    async def test_a_segment_mostly_ended_is_rewritten_and_removed_with_every_live_message_intact(self) -> None:
+        queue = self.rig.queue
+        messages = [await queue.accept(ALICE, [f"x{n}@remote.test", f"y{n}@other.test"],
+                                       f"Subject: {n}\n\n".encode() + b"z" * 4000) for n in range(10)]
+        kept = messages[3], messages[7]
+        kept[0].recipients[0].state, kept[0].recipients[0].text = DELIVERED, "did 1+0+0"
+        queue.record_result(kept[0], 0)
+        kept[1].recipients[1].next_try, kept[1].recipients[1].text = 1234.0, "try later"
+        queue.record_deferral(kept[1], 1)
+        for message in messages:
+            if message not in kept:
+                await queue.end(message, "done")
+        await self.rig.stop()
+        [old] = (self.home.path / "queue" / "seg").iterdir()
+
+        queue = Queue(self.home.path, reactor, clock=self.clock)
+        self.assertEqual(queue.open(0), [])  # it holds nothing: every message may move
+        self.assertEqual(await queue.compact(), 2)
+        self.assertFalse(old.exists())
+        self.assertEqual(await queue.compact(), 0)
+        await queue.close()
+        found = read_back(self.home.path / "queue")
+        self.assertEqual(found.problems, [])
+        self.assertEqual(sorted(found.messages), sorted(m.id for m in kept))
+        for message in kept:
+            copy = found.messages[message.id]
+            self.assertEqual(copy.read_body(), f"Subject: {messages.index(message)}\n\n".encode() + b"z" * 4000)
+            self.assertEqual([(r.address, r.state, r.text, r.next_try) for r in copy.recipients],
+                             [(r.address, r.state, r.text, r.next_try) for r in message.recipients])
+        queue = Queue(self.home.path, reactor, clock=self.clock)
+        reopened = {m.id: m for m in queue.open(10)}
+        self.assertEqual(reopened[kept[0].id].read_body()[:9], b"Subject: ")
+        await queue.close()
+
+    async def test_a_segment_whose_messages_are_mostly_alive_stays(self) -> None:
+        queue = self.rig.queue
+        messages = [await queue.accept(ALICE, ["x@remote.test"], b"z" * 4000) for _ in range(4)]
+        await queue.end(messages[0], "done")
+        await self.rig.stop()
+        [old] = (self.home.path / "queue" / "seg").iterdir()
+        queue = Queue(self.home.path, reactor, clock=self.clock)
+        queue.open(0)
+        self.assertEqual(await queue.compact(), 0)
+        await queue.close()
+        self.assertTrue(old.exists())
