@@ -56,6 +56,8 @@ POLL_INTERVAL = 1.0
 MAKE_ROOM = 1000
 # How often (seconds) segments mostly made of ended messages are compacted.
 COMPACT_INTERVAL = 60.0
+# Messages taken from the index at once: the reactor resumes them in one go.
+TAKE_AT_ONCE = 1000
 STOP_GRACE = 30.0
 LOG_INTERVAL = 0.05
 # qmail-send's logsafe(): newlines become '/', and anything outside '!'..'~'
@@ -177,11 +179,13 @@ class Scheduler(Service):
             # qmail-send retries everything at once on SIGALRM; so do we.
             signal.signal(signal.SIGALRM, lambda *_: call_from_thread(self.flush))
         self.local.start()
-        limit = self.settings().queueactivelimit
-        first = self.queue.open(limit)
+        # The first look at the index is short, so the listeners open at once
+        # whatever the size of the queue; the filler takes the rest.
+        first_look = min(self.settings().queueactivelimit, TAKE_AT_ONCE)
+        first = self.queue.open(first_look)
         for message in first:
             self._resume(message)
-        if len(first) >= limit:
+        if len(first) >= first_look:
             self._index_due = -math.inf
         # A big queue is many long-lived objects: keep the garbage collector
         # from walking all of them again and again while mail flows.
@@ -379,17 +383,24 @@ class Scheduler(Service):
         if len(self.waiting) > 2 * limit:
             self.waiting = [entry for entry in self.waiting if self._current(entry[2])]
             heapq.heapify(self.waiting)
-        self._released_due = None
-        return self._track(self._take(room), "taking the messages due soonest from the queue index")
+        return self._track(self._take(), "taking the messages due soonest from the queue index")
 
-    async def _take(self, room: int) -> None:
-        taken, next_due = await self.queue.take_due(room)
-        if next_due is None or (self._released_due is not None and self._released_due < next_due):
-            next_due = self._released_due
-        self._index_due = next_due
-        for message in taken:
-            self._resume(message)
-        self._pump()
+    async def _take(self) -> None:
+        """TAKE_AT_ONCE at a time, other work in between, while there is room."""
+        while self.running:
+            room = min(self.settings().queueactivelimit - len(self.queue.messages), TAKE_AT_ONCE)
+            if room <= 0:
+                return
+            self._released_due = None
+            taken, next_due = await self.queue.take_due(room)
+            if next_due is None or (self._released_due is not None and self._released_due < next_due):
+                next_due = self._released_due
+            self._index_due = next_due
+            for message in taken:
+                self._resume(message)
+            self._pump()
+            if len(taken) < room:
+                return
 
     # -- timing -----------------------------------------------------------------
 
