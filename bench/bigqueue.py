@@ -56,6 +56,7 @@ def build(queue_dir: Path, count: int, size: int, now: float) -> float:
     (queue_dir / "seg").mkdir(parents=True)
     records = Records(queue_key(queue_dir, create=True).key)
     index = open_index(queue_dir)
+    index.matches(records.key)  # an index of this queue's key, as the server leaves it
     body = make_body(size).replace(b"\r\n", b"\n")
     rng = random.Random(count)
     first_id = int((now - 3 * 86400) * 1000)
