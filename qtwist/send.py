@@ -54,7 +54,7 @@ POLL_INTERVAL = 1.0
 # At most this many held messages due late make room at once for messages
 # due sooner that wait in the index.
 MAKE_ROOM = 1000
-# How often (seconds) segments mostly made of ended messages are compacted.
+# How often (seconds, and at start) segments mostly made of ended messages are compacted.
 COMPACT_INTERVAL = 60.0
 # Messages taken from the index at once: the reactor resumes them in one go.
 TAKE_AT_ONCE = 1000
@@ -158,7 +158,7 @@ class Scheduler(Service):
         self._index_due: float | None = None
         self._released_due: float | None = None
         self._filler = Periodic("queue index: taking the messages due soonest", self._fill, POLL_INTERVAL, clock)
-        self._compactor = Periodic("queue compaction", self._compact, COMPACT_INTERVAL, clock)
+        self._compactor = Periodic("queue compaction", self._compact, COMPACT_INTERVAL, clock, now=True)
         self._sequence = itertools.count()
         self._deliveries = itertools.count(1)
         self._timer = None

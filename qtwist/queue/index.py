@@ -225,17 +225,17 @@ class Index:
 
     # -- compaction ------------------------------------------------------------------
 
-    def live_in(self, number: int) -> tuple[int, bool]:
-        """(bytes of the messages still in segment ``number``, whether the server holds one)."""
-        size, held = self.db.execute(
-            "SELECT coalesce(sum(m.size), 0), coalesce(max(s.held), 0) FROM message m "
-            "JOIN schedule s ON s.id = m.id WHERE m.segment = ?", (number,)).fetchone()
-        return size, bool(held)
+    def live_in(self, number: int) -> int:
+        """Bytes of the messages still in segment ``number``."""
+        return self.db.execute("SELECT coalesce(sum(size), 0) FROM message WHERE segment = ?",
+                               (number,)).fetchone()[0]
 
-    def in_segment(self, number: int, limit: int) -> list[tuple[int, int, int, float, str, str]]:
-        """(id, offset, size, born, sender, recipients) of up to ``limit`` messages in segment ``number``."""
-        return self.db.execute("SELECT id, offset, size, born, sender, recipients FROM message "
-                               "WHERE segment = ? LIMIT ?", (number, limit)).fetchall()
+    def movable(self, number: int, limit: int) -> list[tuple[int, int, int, float, str, str]]:
+        """(id, offset, size, born, sender, recipients) of up to ``limit``
+        messages in segment ``number`` that the server does not hold."""
+        return self.db.execute("SELECT m.id, m.offset, m.size, m.born, m.sender, m.recipients FROM message m "
+                               "JOIN schedule s ON s.id = m.id WHERE m.segment = ? AND s.held = 0 LIMIT ?",
+                               (number, limit)).fetchall()
 
     def moved(self, message_id: int, number: int, offset: int) -> None:
         self.db.execute("UPDATE message SET segment = ?, offset = ? WHERE id = ?", (number, offset, message_id))

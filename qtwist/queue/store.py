@@ -12,7 +12,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 
-from qtwist.queue.index import State, open_index, recover
+from qtwist.queue.index import CHUNK, State, open_index, recover
 from qtwist.queue.records import QueuedMessage, QueueError, Recipient, Records, Segment, queue_key
 from qtwist.queue.todo import make_todo_dir
 from qtwist.queue.writer import Work, Write, Writer
@@ -160,15 +160,24 @@ class Queue:
         return self._in_chunks(lambda index: index.flush())
 
     def remove(self, ids: list[int]) -> Deferred:
-        """End those of ``ids`` the server does not hold, durably; fires with their ids."""
-        def remove(writer: Writer) -> list[int]:
-            found = writer.index.locate(ids)
-            writes = [Write(self.segments[number].records.end(message_id, "removed"), self.segments[number],
-                            ending=QueuedMessage(message_id, 0.0, "", [], 0, self.segments[number]))
-                      for message_id, number in found if number in self.segments]
+        """End those of ``ids`` the server does not hold, durably, CHUNK at a
+        time between other work; fires with the ids ended."""
+        done = Deferred()
+        removed: list[int] = []
+
+        def remove(writer: Writer, start: int) -> None:
+            found = writer.index.locate(ids[start:start + CHUNK])
+            writes = [Write(writer.segments[number].records.end(message_id, "removed"), writer.segments[number],
+                            ending=QueuedMessage(message_id, 0.0, "", [], 0, writer.segments[number]))
+                      for message_id, number in found if number in writer.segments]
             writer.write_now(writes)
-            return [write.ending.id for write in writes if write.error is None]
-        return self._ask(remove)
+            removed.extend(write.ending.id for write in writes if write.error is None)
+            if start + CHUNK < len(ids):
+                writer.submit([Work(lambda writer: remove(writer, start + CHUNK))])
+            else:
+                self.reactor.callFromThread(done.callback, removed)
+        self._submit(Work(lambda writer: remove(writer, 0)))
+        return done
 
     def compact(self) -> Deferred:
         """Compact the segments mostly made of ended messages (Writer.compact),

@@ -184,22 +184,24 @@ class Writer(threading.Thread):
             self.index.update(message.id, state, held=False)
 
     def compact(self, number: int) -> int:
-        """One step of compacting segment ``number`` if it is sealed, mostly
-        made of ended messages, and holds none the server works on: up to
-        COMPACT_CHUNK of its live messages are written again (with their
+        """One step of compacting segment ``number`` if it is sealed and
+        mostly made of ended messages: up to COMPACT_CHUNK of its live
+        messages the server does not hold are written again (with their
         recipients' states) at the end of the active segment, durably, and
         the index then points at the copies, in one transaction with its
-        mark of what it applied.  The segment goes once none is left.  A
-        crash at any point leaves each message in one place or the other,
-        with the same id: recovery takes the copy if the index had not.
-        Returns how many messages moved."""
+        mark of what it applied.  Messages the server holds stay (they are
+        moved once let go); the segment goes once none is left.  A crash at
+        any point leaves each message in one place or the other, with the
+        same id: recovery takes the copy if the index had not.  Returns how
+        many messages moved."""
         segment = self.segments.get(number)
-        if segment is None or not segment.sealed or segment is self.active or self.fresh.get(segment):
+        if segment is None or not segment.sealed or segment is self.active:
             return 0
-        live, held = self.index.live_in(number)
-        if held or live * 2 >= segment.size:
+        if self.index.live_in(number) * 2 >= segment.size:
             return 0
-        rows = self.index.in_segment(number, COMPACT_CHUNK)
+        rows = self.index.movable(number, COMPACT_CHUNK)
+        if not rows:
+            return 0
         writes, moving = [], []
         for message_id, offset, size, born, sender, recipients in rows:
             body = segment.pread(size, offset)
@@ -222,7 +224,7 @@ class Writer(threading.Thread):
                 self.index.moved(message_id, write.segment.number, write.offset + body_offset)
             for target in {write.segment for write in writes}:
                 self.index.applied(target.number, self._applied(target))
-        if self.index.segment_empty(number):
+        if not self.fresh.get(segment) and self.index.segment_empty(number):
             self._unlink(segment)
         return len(writes)
 
