@@ -31,6 +31,8 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 MAX_LINE = 4096
+# How often (seconds) a talking session tells the connection limits it is active.
+ACTIVITY_REPORTS = 1.0
 
 log = Logger(namespace="qtwist.pipelining")
 
@@ -78,6 +80,7 @@ class PipeliningServer(Protocol):
         self.out: list[bytes] = []
         self.idle_limit = 0.0
         self.last_activity = 0.0
+        self.reported_activity: float | None = None
         self.timer = None
         # Twisted keeps ``transport`` after the connection is lost: this says
         # the client is gone, so nothing is read, answered or closed any more.
@@ -161,8 +164,11 @@ class PipeliningServer(Protocol):
         # Only a whole line counts as activity: a client that trickles a byte
         # at a time still meets the idle limit.
         if b"\n" in data:
-            self.last_activity = self.clock.seconds()
-            self.active()
+            self.last_activity = now = self.clock.seconds()
+            # Connection limits need it to the second, not for every piece of a message.
+            if self.reported_activity is None or now - self.reported_activity >= ACTIVITY_REPORTS:
+                self.reported_activity = now
+                self.active()
         if self.busy:
             self.buffer += data
             if len(self.buffer) - self.offset > MAX_LINE * 16:

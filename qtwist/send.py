@@ -358,7 +358,17 @@ class Scheduler(Service):
         return self._track(self._compact_queue(), "compacting the queue")
 
     async def _compact_queue(self) -> None:
-        moved = await self.queue.compact()
+        """Held messages would keep a compacted segment for as long as they
+        wait: those only waiting for a retry are let go, and moved at once."""
+        moved, pinned = await self.queue.compact()
+        let_go = 0
+        for message in filter(None, map(self.queue.messages.get, pinned)):
+            due = self._releasable(message)
+            if due is not None:
+                self._release(message, due)
+                let_go += 1
+        if let_go:
+            moved += (await self.queue.compact())[0]
         if moved:
             self.log(f"compacted the queue: moved {moved} messages out of segments mostly ended")
 

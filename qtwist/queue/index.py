@@ -97,6 +97,9 @@ class Index:
             self.db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, isolation_level=None,
                                       check_same_thread=False)
         else:
+            if path != ":memory:":
+                # Envelopes are private, like the segments: SQLite gives its -wal and -shm the same mode.
+                os.close(os.open(path, os.O_RDWR | os.O_CREAT, 0o600))
             self.db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
             self.db.execute("PRAGMA journal_mode=WAL")
             # A crash loses no more than the last commits, which recovery reads again from the segments.
@@ -236,6 +239,12 @@ class Index:
         return self.db.execute("SELECT m.id, m.offset, m.size, m.born, m.sender, m.recipients FROM message m "
                                "JOIN schedule s ON s.id = m.id WHERE m.segment = ? AND s.held = 0 LIMIT ?",
                                (number, limit)).fetchall()
+
+    def held_in(self, number: int) -> list[int]:
+        """The messages in segment ``number`` that the server holds."""
+        return [row[0] for row in self.db.execute(
+            "SELECT m.id FROM message m JOIN schedule s ON s.id = m.id WHERE m.segment = ? AND s.held = 1",
+            (number,))]
 
     def moved(self, message_id: int, number: int, offset: int) -> None:
         self.db.execute("UPDATE message SET segment = ?, offset = ? WHERE id = ?", (number, offset, message_id))

@@ -112,12 +112,12 @@ class Queue:
     def record_result(self, message: QueuedMessage, index: int) -> None:
         """Note a recipient's final state (delivered or failed) in the log."""
         self._submit(Write(message.segment.records.result(message.id, index, message.recipients[index]),
-                           message.segment, durable=False, state=(message.id, State.of(message.recipients))))
+                           message.segment, durable=False, changed=message))
 
     def record_deferral(self, message: QueuedMessage, index: int) -> None:
         recipient = message.recipients[index]
         self._submit(Write(message.segment.records.deferral(message.id, index, recipient.next_try, recipient.text),
-                           message.segment, durable=False, state=(message.id, State.of(message.recipients))))
+                           message.segment, durable=False, changed=message))
 
     def end(self, message: QueuedMessage, why: str) -> Deferred:
         """The message is done with (delivered, bounced or removed); an admin's
@@ -181,20 +181,22 @@ class Queue:
 
     def compact(self) -> Deferred:
         """Compact the segments mostly made of ended messages (Writer.compact),
-        a step at a time between other work; fires with how many messages moved."""
+        a step at a time between other work; fires with how many messages
+        moved and the ids of held messages that keep a segment from going."""
         done = Deferred()
-        total = 0
+        total, pinned = 0, []
 
         def step(writer: Writer, numbers: list[int]) -> None:
             nonlocal total
             while numbers:
-                moved = writer.compact(numbers[0])
+                moved, held = writer.compact(numbers[0])
                 if moved:
                     total += moved
                     writer.submit([Work(lambda writer: step(writer, numbers))])
                     return
+                pinned.extend(held)
                 numbers.pop(0)
-            self.reactor.callFromThread(done.callback, total)
+            self.reactor.callFromThread(done.callback, (total, pinned))
         self._submit(Work(lambda writer: step(writer, sorted(writer.segments))))
         return done
 

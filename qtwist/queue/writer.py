@@ -34,8 +34,9 @@ COMPACT_CHUNK = 500
 class Write:
     """One record for the writer.  ``segment`` None means: the active segment
     (a new message, ``message``); the writer fills in where it went.
-    ``ending`` is the message an E record ends; ``state`` is what the index
-    keeps of a message whose recipients changed.  A ``durable`` record is
+    ``ending`` is the message an E record ends; ``changed`` one whose
+    recipients changed (the index, if it holds the message, learns their
+    state as it is when the record is written: never older than the record).  A ``durable`` record is
     fdatasynced before its Deferred fires; the others (results, retry times,
     ends) reach the disk with the next fdatasync of their file or at close:
     losing them in a crash repeats a delivery, never loses a message."""
@@ -47,7 +48,7 @@ class Write:
     message: QueuedMessage | None = None
     body_offset: int = 0
     ending: QueuedMessage | None = None
-    state: tuple[int, State] | None = None  # (message id, its new state)
+    changed: QueuedMessage | None = None
     offset: int = 0
     error: OSError | None = None
 
@@ -149,8 +150,8 @@ class Writer(threading.Thread):
                     elif write.ending is not None:
                         if self.fresh.get(segment, {}).pop(write.ending.id, None) is None:
                             self.index.remove(write.ending.id)
-                    elif write.state is not None and write.state[0] not in self.fresh.get(segment, {}):
-                        self.index.update(*write.state)
+                    elif write.changed is not None and write.changed.id not in self.fresh.get(segment, {}):
+                        self.index.update(write.changed.id, State.of(write.changed.recipients))
                 for segment, waiting in self.fresh.items():
                     while waiting:
                         message_id, (_, message, written) = next(iter(waiting.items()))
@@ -183,25 +184,26 @@ class Writer(threading.Thread):
                 self.index.applied(segment.number, self._applied(segment))
             self.index.update(message.id, state, held=False)
 
-    def compact(self, number: int) -> int:
+    def compact(self, number: int) -> tuple[int, list[int]]:
         """One step of compacting segment ``number`` if it is sealed and
         mostly made of ended messages: up to COMPACT_CHUNK of its live
         messages the server does not hold are written again (with their
         recipients' states) at the end of the active segment, durably, and
         the index then points at the copies, in one transaction with its
-        mark of what it applied.  Messages the server holds stay (they are
-        moved once let go); the segment goes once none is left.  A crash at
-        any point leaves each message in one place or the other, with the
-        same id: recovery takes the copy if the index had not.  Returns how
-        many messages moved."""
+        mark of what it applied.  Messages the server holds stay (they move
+        once let go); the segment goes once none is left.  A crash at any
+        point leaves each message in one place or the other, with the same
+        id: recovery takes the copy if the index had not.  Returns how many
+        messages moved, and, once none is left to move, the ids of those the
+        server holds there."""
         segment = self.segments.get(number)
         if segment is None or not segment.sealed or segment is self.active:
-            return 0
+            return 0, []
         if self.index.live_in(number) * 2 >= segment.size:
-            return 0
+            return 0, []
         rows = self.index.movable(number, COMPACT_CHUNK)
         if not rows:
-            return 0
+            return 0, self.index.held_in(number)
         writes, moving = [], []
         for message_id, offset, size, born, sender, recipients in rows:
             body = segment.pread(size, offset)
@@ -218,7 +220,7 @@ class Writer(threading.Thread):
         if any(write.error is not None for write in writes):
             log.error("queue: compacting {path} failed: {why}", path=str(segment.path),
                       why=next(write.error.strerror for write in writes if write.error is not None))
-            return 0
+            return 0, []
         with self.index.transaction():
             for write, (message_id, body_offset) in zip(writes, moving):
                 self.index.moved(message_id, write.segment.number, write.offset + body_offset)
@@ -226,7 +228,7 @@ class Writer(threading.Thread):
                 self.index.applied(target.number, self._applied(target))
         if not self.fresh.get(segment) and self.index.segment_empty(number):
             self._unlink(segment)
-        return len(writes)
+        return len(writes), []
 
     def _index_the_rest(self) -> None:
         """At stop: new messages still held enter the index, so the next

@@ -16,7 +16,7 @@ from qtwist.queue.admin import queue_flush, queue_read, queue_remove, queue_stat
 from qtwist.queue.index import Index, open_index
 from qtwist.remote import NO_CONNECTION
 from qtwist.send import next_retry
-from tests.support.memory import wait_for
+from tests.support.memory import SchedulerRig, wait_for
 from tests.support.queuefiles import read_back
 from tests.unit.test_send import ALICE, DONE, LATER, SchedulerTestCase
 
@@ -169,9 +169,9 @@ class CompactionTests(SchedulerTestCase):
 
         queue = Queue(self.home.path, reactor, clock=self.clock)
         self.assertEqual(queue.open(0), [])  # it holds nothing: every message may move
-        self.assertEqual(await queue.compact(), 2)
+        self.assertEqual(await queue.compact(), (2, []))
         self.assertFalse(old.exists())
-        self.assertEqual(await queue.compact(), 0)
+        self.assertEqual(await queue.compact(), (0, []))
         await queue.close()
         found = read_back(self.home.path / "queue")
         self.assertEqual(found.problems, [])
@@ -186,6 +186,31 @@ class CompactionTests(SchedulerTestCase):
         self.assertEqual(reopened[kept[0].id].read_body()[:9], b"Subject: ")
         await queue.close()
 
+    async def test_messages_the_server_holds_are_let_go_so_their_segment_can_go(self) -> None:
+        messages = [await self.send(ALICE, [f"x{n}@remote{n}.test"], b"z" * 4000) for n in range(8)]
+        await wait_for(lambda: len(self.rig.remote.waiting) == 8, "every first try")
+        for attempt in self.rig.remote.waiting:
+            attempt.answer(LATER if attempt.recipients[0] in ("x2@remote2.test", "x5@remote5.test") else DONE)
+        await self.rig.settled()
+        await self.rig.stop()
+        [old] = (self.home.path / "queue" / "seg").iterdir()
+        # The next start holds the two deferred messages, and compacts at once.
+        self.rig = SchedulerRig(self.home).start()
+        self.addCleanup(self.rig.stop)
+        await self.rig.settled()
+        self.assertFalse(old.exists())
+        self.assertIsNotNone(self.logged("compacted the queue: moved 2 messages out of segments mostly ended"))
+        self.assertEqual(sorted(m.id for m in queue_read(self.home.path)), [messages[2].id, messages[5].id])
+        retry = next_retry(messages[2].born, self.clock.seconds(), "remote") - self.clock.seconds()
+        self.clock.advance(retry)
+        for _ in range(100):  # taken back from the index (looked at once a second), then tried
+            if len(self.rig.remote.attempts) == 2:
+                break
+            self.clock.advance(1)
+            await self.rig.settled()
+        self.assertEqual(sorted(a.recipients[0] for a in self.rig.remote.attempts),
+                         ["x2@remote2.test", "x5@remote5.test"])
+
     async def test_a_segment_whose_messages_are_mostly_alive_stays(self) -> None:
         queue = self.rig.queue
         messages = [await queue.accept(ALICE, ["x@remote.test"], b"z" * 4000) for _ in range(4)]
@@ -194,6 +219,12 @@ class CompactionTests(SchedulerTestCase):
         [old] = (self.home.path / "queue" / "seg").iterdir()
         queue = Queue(self.home.path, reactor, clock=self.clock)
         queue.open(0)
-        self.assertEqual(await queue.compact(), 0)
+        self.assertEqual(await queue.compact(), (0, []))
         await queue.close()
         self.assertTrue(old.exists())
+
+    async def test_the_index_is_private_like_the_segments(self) -> None:
+        await self.send(ALICE, ["x@remote.test"])
+        queue_dir = self.home.path / "queue"
+        for name in ("index.sqlite", "index.sqlite-wal", "key"):
+            self.assertEqual((queue_dir / name).stat().st_mode & 0o777, 0o600, name)
