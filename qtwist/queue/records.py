@@ -117,11 +117,15 @@ class Records:
         self.key = key
         self.magic = MAGIC if key is not None else LEGACY_MAGIC
         self.header_size = len(self.magic) + FIELDS.size + (MAC_SIZE if key is not None else 0)
+        # Keyed once: each header's MAC starts from a copy.
+        self._keyed = hashlib.blake2b(key=key, digest_size=MAC_SIZE) if key is not None else None
 
     def _mac(self, fields: bytes) -> bytes:
-        if self.key is None:
+        if self._keyed is None:
             return b""
-        return hashlib.blake2b(fields, key=self.key, digest_size=MAC_SIZE).digest()
+        mac = self._keyed.copy()
+        mac.update(fields)
+        return mac.digest()
 
     def _header(self, kind: bytes, message_id: int, length: int, crc: int) -> bytes:
         fields = FIELDS.pack(kind, message_id, length, crc)
