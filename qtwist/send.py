@@ -436,15 +436,7 @@ class Scheduler(Service):
     def _poll_requests(self) -> Deferred | None:
         """The look at queue/rm/, queue/flush and queue/todo/, at start and
         once a second."""
-        in_index = []
-        for message_id in take_removal_requests(self.queue.dir):
-            message = self.queue.messages.get(message_id)
-            if message is None:
-                in_index.append(message_id)
-            elif message_id not in self._removed:
-                self._removed.add(message_id)
-                self.log(f"removed msg {message_id} by request")
-                self._track(self._end(message, "removed"), f"removing msg {message_id}")
+        in_index = self._remove_held(take_removal_requests(self.queue.dir))
         if in_index:
             self._track(self._remove_from_index(in_index), "removing messages by request")
         if take_flush_request(self.queue.dir):
@@ -456,9 +448,26 @@ class Scheduler(Service):
             return self._pickup.addBoth(self._pickup_ended)
         return None
 
+    def _remove_held(self, ids) -> list[int]:
+        """End the messages of ``ids`` the server holds; returns the others."""
+        in_index = []
+        for message_id in ids:
+            message = self.queue.messages.get(message_id)
+            if message is None:
+                in_index.append(message_id)
+            elif message_id not in self._removed:
+                self._removed.add(message_id)
+                self.log(f"removed msg {message_id} by request")
+                self._track(self._end(message, "removed"), f"removing msg {message_id}")
+        return in_index
+
     async def _remove_from_index(self, ids: list[int]) -> None:
-        for message_id in await self.queue.remove(ids):
-            self.log(f"removed msg {message_id} by request")
+        """Those only the index holds; one the server took meanwhile is ended as held."""
+        while ids:
+            removed, held = await self.queue.remove(ids)
+            for message_id in removed:
+                self.log(f"removed msg {message_id} by request")
+            ids = self._remove_held(held)
 
     # -- messages from qtwist sendmail ------------------------------------------------
 

@@ -111,7 +111,7 @@ def queue_remove(home: Path, ids: list[str], match: str | None, wait: float = 30
         try:
             recovery = recover(queue_dir, index)
             by_segment: dict[Segment, list[int]] = {}
-            for message_id, number in index.locate(chosen):
+            for message_id, number, _ in index.locate(chosen):  # no server: none is held
                 segment = recovery.segments.get(number)
                 if segment is not None:
                     by_segment.setdefault(segment, []).append(message_id)

@@ -216,15 +216,15 @@ class Index:
                 "UPDATE schedule SET due = due - ? WHERE id IN (SELECT id FROM schedule "
                 "WHERE held = 0 AND due >= 0 LIMIT ?)", (FLUSHED, CHUNK)).rowcount
 
-    def locate(self, ids: list[int]) -> list[tuple[int, int]]:
-        """(id, segment) of those of ``ids`` in the queue and not held."""
+    def locate(self, ids: list[int]) -> list[tuple[int, int, bool]]:
+        """(id, segment, whether the server holds it) of those of ``ids`` in the queue."""
         found = []
         for start in range(0, len(ids), 500):
             part = ids[start:start + 500]
             found += self.db.execute(
-                f"SELECT m.id, m.segment FROM message m JOIN schedule s ON s.id = m.id "
-                f"WHERE s.held = 0 AND m.id IN ({','.join('?' * len(part))})", part).fetchall()
-        return found
+                f"SELECT m.id, m.segment, s.held FROM message m JOIN schedule s ON s.id = m.id "
+                f"WHERE m.id IN ({','.join('?' * len(part))})", part).fetchall()
+        return [(message_id, number, bool(held)) for message_id, number, held in found]
 
     # -- compaction ------------------------------------------------------------------
 

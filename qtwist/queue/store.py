@@ -161,21 +161,24 @@ class Queue:
 
     def remove(self, ids: list[int]) -> Deferred:
         """End those of ``ids`` the server does not hold, durably, CHUNK at a
-        time between other work; fires with the ids ended."""
+        time between other work; fires with the ids ended and those the
+        server took meanwhile (the caller ends them as held messages)."""
         done = Deferred()
         removed: list[int] = []
+        held: list[int] = []
 
         def remove(writer: Writer, start: int) -> None:
             found = writer.index.locate(ids[start:start + CHUNK])
+            held.extend(message_id for message_id, _, is_held in found if is_held)
             writes = [Write(writer.segments[number].records.end(message_id, "removed"), writer.segments[number],
                             ending=QueuedMessage(message_id, 0.0, "", [], 0, writer.segments[number]))
-                      for message_id, number in found if number in writer.segments]
+                      for message_id, number, is_held in found if not is_held and number in writer.segments]
             writer.write_now(writes)
             removed.extend(write.ending.id for write in writes if write.error is None)
             if start + CHUNK < len(ids):
                 writer.submit([Work(lambda writer: remove(writer, start + CHUNK))])
             else:
-                self.reactor.callFromThread(done.callback, removed)
+                self.reactor.callFromThread(done.callback, (removed, held))
         self._submit(Work(lambda writer: remove(writer, 0)))
         return done
 

@@ -228,3 +228,12 @@ class CompactionTests(SchedulerTestCase):
         queue_dir = self.home.path / "queue"
         for name in ("index.sqlite", "index.sqlite-wal", "key"):
             self.assertEqual((queue_dir / name).stat().st_mode & 0o777, 0o600, name)
+
+    async def test_a_removal_meets_a_message_the_server_took_meanwhile_and_leaves_it_to_the_server(self) -> None:
+        message = await self.rig.queue.accept(ALICE, ["x@remote.test"], b"m\n")
+        await self.rig.stop()
+        queue = Queue(self.home.path, reactor, clock=self.clock)
+        [held] = queue.open(10)
+        self.assertEqual(held.id, message.id)
+        self.assertEqual(await queue.remove([held.id]), ([], [held.id]))
+        await queue.close()
