@@ -218,13 +218,16 @@ class Index:
 
     def locate(self, ids: list[int]) -> list[tuple[int, int, bool]]:
         """(id, segment, whether the server holds it) of those of ``ids`` in the queue."""
-        found = []
+        return [(message_id, number, bool(held)) for message_id, number, held in self._for_ids(
+            "SELECT m.id, m.segment, s.held FROM message m JOIN schedule s ON s.id = m.id WHERE m.id IN", ids)]
+
+    def _for_ids(self, query: str, ids) -> list[tuple]:
+        """The rows of ``query`` (which ends in ``IN``) for ``ids``, 500 at a time."""
+        ids, rows = list(ids), []
         for start in range(0, len(ids), 500):
             part = ids[start:start + 500]
-            found += self.db.execute(
-                f"SELECT m.id, m.segment, s.held FROM message m JOIN schedule s ON s.id = m.id "
-                f"WHERE m.id IN ({','.join('?' * len(part))})", part).fetchall()
-        return [(message_id, number, bool(held)) for message_id, number, held in found]
+            rows += self.db.execute(f"{query} ({','.join('?' * len(part))})", part).fetchall()
+        return rows
 
     # -- compaction ------------------------------------------------------------------
 
@@ -256,12 +259,7 @@ class Index:
 
     def present(self, ids) -> set[int]:
         """Those of ``ids`` the index holds."""
-        ids, found = list(ids), set()
-        for start in range(0, len(ids), 500):
-            part = ids[start:start + 500]
-            found.update(row[0] for row in self.db.execute(
-                f"SELECT id FROM message WHERE id IN ({','.join('?' * len(part))})", part))
-        return found
+        return {row[0] for row in self._for_ids("SELECT id FROM message WHERE id IN", ids)}
 
     def messages(self, segments: dict[int, Segment] | None = None) -> Iterator[QueuedMessage]:
         """Every message, oldest first (ids grow with time), read as it goes
@@ -358,28 +356,23 @@ class Snapshot:
     def __init__(self, queue_dir: Path, index: Index):
         self.index = index
         index.db.execute("BEGIN")
-        key = queue_key(queue_dir)
-        current = Records(key.key) if key is not None else LEGACY
-        first_keyed = key.first_segment if key is not None else 0
         applied = index.segments_applied()
         segments: dict[int, Segment] = {}
         self.tail = _Tail(segments)
-        for name in sorted(os.listdir(queue_dir / "seg")):
-            number = decimal(name)
-            if number is None:
+        for _, segment in segment_files(queue_dir):
+            if segment is None:
                 continue
-            segment = segments[number] = Segment(number, queue_dir / "seg" / name,
-                                                  current if number >= first_keyed else LEGACY)
+            segments[segment.number] = segment
+            start = applied.get(segment.number, 0)
             try:
                 with open(segment.path, "rb") as handle:
-                    size = os.fstat(handle.fileno()).st_size
-                    if size <= applied.get(number, 0):
+                    if os.fstat(handle.fileno()).st_size <= start:
                         continue
                     data = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ)
             except FileNotFoundError:
                 continue  # removed by the server while we looked
             try:
-                parse_segment(segment, data, applied.get(number, 0), self.tail, [])
+                parse_segment(segment, data, start, self.tail, [])
             finally:
                 data.close()
 
@@ -410,6 +403,23 @@ class Snapshot:
         yield from sorted(tail.added.values(), key=lambda message: message.id)
 
 
+def segment_files(queue_dir: Path) -> Iterator[tuple[Path, Segment | None]]:
+    """Each file in seg/, in order, as a Segment read in the record format it
+    was written in (None for a name that is no segment number)."""
+    key = queue_key(queue_dir)
+    current = Records(key.key) if key is not None else LEGACY
+    first_keyed = key.first_segment if key is not None else 0
+    try:
+        names = sorted(os.listdir(queue_dir / "seg"))
+    except FileNotFoundError:
+        return
+    for name in names:
+        path = queue_dir / "seg" / name
+        number = decimal(name)
+        yield path, (None if number is None
+                     else Segment(number, path, current if number >= first_keyed else LEGACY, sealed=True))
+
+
 @dataclass
 class Recovery:
     segments: dict[int, Segment] = field(default_factory=dict)
@@ -424,23 +434,14 @@ def recover(queue_dir: Path, index: Index) -> Recovery:
     moved there, and segments with no message left removed."""
     result = Recovery()
     key = queue_key(queue_dir)
-    current = Records(key.key) if key is not None else LEGACY
-    first_keyed = key.first_segment if key is not None else 0
     index.matches(key.key if key is not None else None)
-    seg_dir = queue_dir / "seg"
-    try:
-        names = sorted(os.listdir(seg_dir))
-    except FileNotFoundError:
-        names = []
     applied = index.segments_applied()
     replay = _Replay(index, result.segments)
-    for name in names:
-        path = seg_dir / name
-        number = decimal(name)
-        if number is None:
+    for path, segment in segment_files(queue_dir):
+        if segment is None:
             move_aside(queue_dir, path, result.problems, "not a segment name")
             continue
-        segment = Segment(number, path, current if number >= first_keyed else LEGACY, sealed=True)
+        number, name = segment.number, path.name
         try:
             size = path.stat().st_size
         except FileNotFoundError:

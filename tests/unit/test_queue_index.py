@@ -45,6 +45,17 @@ class ActiveLimitTests(SchedulerTestCase):
             await wait_for(lambda: self.rig.scheduler.unfinished <= len(self.rig.remote.waiting), "the scheduler")
         self.fail(f"gave up waiting for {what}")
 
+    async def deliver_retries(self, count: int, what: str) -> set[str]:
+        """Answer retries with success until ``count`` recipients were tried; returns them."""
+        tried: set[str] = set()
+        while len(tried) < count:
+            await self.until(lambda: self.rig.remote.waiting, what)
+            for attempt in self.rig.remote.waiting:
+                tried.add(attempt.recipients[0])
+                attempt.answer(DONE)
+            await self.rig.settled()
+        return tried
+
     async def test_past_the_limit_deferred_messages_wait_in_the_index_and_come_back_when_due(self) -> None:
         messages = await self.defer_all(6)
         self.assertLessEqual(len(self.rig.queue.messages), 3)
@@ -53,13 +64,7 @@ class ActiveLimitTests(SchedulerTestCase):
         self.clock.advance(retry - 5)
         await wait_for(lambda: True, "a turn")
         self.assertEqual(self.rig.remote.waiting, [])  # none early
-        tried = set()
-        while len(tried) < 6:
-            await self.until(lambda: self.rig.remote.waiting, "a retry")
-            for attempt in self.rig.remote.waiting:
-                tried.add(attempt.recipients[0])
-                attempt.answer(DONE)
-            await self.rig.settled()
+        tried = await self.deliver_retries(6, "a retry")
         self.assertEqual(tried, {f"x@remote{n}.test" for n in range(6)})
         self.assertLessEqual(len(self.rig.queue.messages), 3)
         await self.until(lambda: queue_stat(self.home.path) == (0, 0), "an empty queue")
@@ -68,13 +73,7 @@ class ActiveLimitTests(SchedulerTestCase):
         await self.defer_all(5)
         flushed_at = self.clock.seconds()
         queue_flush(self.home.path)
-        tried = set()
-        while len(tried) < 5:
-            await self.until(lambda: self.rig.remote.waiting, "a flushed retry")
-            for attempt in self.rig.remote.waiting:
-                tried.add(attempt.recipients[0])
-                attempt.answer(DONE)
-            await self.rig.settled()
+        await self.deliver_retries(5, "a flushed retry")
         self.assertLess(self.clock.seconds() - flushed_at, 60)  # long before any retry was due
 
     async def test_queue_rm_removes_a_message_only_the_index_holds(self) -> None:
