@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import errno
 import json
+import math
 import os
 import queue as threadqueue
 import threading
@@ -25,6 +26,9 @@ log = Logger(namespace="qtwist.queue")
 
 # A new message still held this long (seconds) enters the index.
 INDEX_AFTER = 5.0
+# A batch that changes nothing in the index moves its marks of what it
+# applied at most this often (seconds).
+MARK_EVERY = 1.0
 # Messages one step of compaction moves, so the records of sessions waiting
 # on the writer are never held up long.
 COMPACT_CHUNK = 500
@@ -83,6 +87,9 @@ class Writer(threading.Thread):
         # New messages the index has not heard of, per segment, oldest first:
         # id -> (offset of the M record, the message, when it was written).
         self.fresh: dict[Segment, dict[int, tuple[int, QueuedMessage, float]]] = {}
+        # Segments written to since the index's marks last moved, and when that was.
+        self.unmarked: set[Segment] = set()
+        self.marked_at = -math.inf
 
     def submit(self, item: list[Write | Work] | None) -> None:
         """Records and work, in order, or None to stop."""
@@ -110,9 +117,10 @@ class Writer(threading.Thread):
                 for write in writes:
                     write.error = write.error or OSError(errno.EIO, f"internal error ({error!r})")
             if writes:
-                # The index first: once a client has its 250, qstat counts the message.
-                self._keep_index(writes, sealed)
+                # The 250s first: qstat counts a message the index has not
+                # applied yet from the segment, beyond the index's mark.
                 self.reactor.callFromThread(self.committed, writes)
+                self._keep_index(writes, sealed)
             for item in batch:
                 if isinstance(item, Work):
                     self._work(item)
@@ -134,32 +142,49 @@ class Writer(threading.Thread):
         once it has waited INDEX_AFTER seconds, or at stop; until then the
         index's mark of what it applied of the segment stays before the
         message, so recovery after a crash reads it (and what followed it)
-        from the segment again.  An error here is logged: recovery at the
-        next start reads these records again from the segments."""
-        touched: set[Segment] = set(sealed)
+        from the segment again.  A batch that changes nothing in the index
+        moves no mark either, unless MARK_EVERY seconds have passed: a mark
+        left behind only makes recovery read a little more again.  An error
+        here is logged: recovery at the next start reads these records
+        again from the segments."""
         now = time.monotonic()
+        removed: list[int] = []
+        updated: list[tuple[int, State]] = []
+        for write in writes:
+            if write.error is not None:
+                continue
+            segment = write.segment
+            self.unmarked.add(segment)
+            fresh = self.fresh.get(segment)
+            if write.message is not None:
+                self.fresh.setdefault(segment, {})[write.message.id] = (write.offset, write.message, now)
+            elif write.ending is not None:
+                if fresh is None or fresh.pop(write.ending.id, None) is None:
+                    removed.append(write.ending.id)
+            elif write.changed is not None and (fresh is None or write.changed.id not in fresh):
+                updated.append((write.changed.id, State.of(write.changed.recipients)))
+        due: list[QueuedMessage] = []
+        for segment, waiting in self.fresh.items():
+            while waiting:
+                message_id, (_, message, written) = next(iter(waiting.items()))
+                if now - written < INDEX_AFTER:
+                    break
+                del waiting[message_id]
+                due.append(message)
+                self.unmarked.add(segment)
+        if (not (removed or updated or due or sealed) and now - self.marked_at < MARK_EVERY
+                and not any(segment.sealed for segment in self.unmarked)):
+            return
+        touched, self.unmarked = self.unmarked | set(sealed), set()
+        self.marked_at = now
         try:
             with self.index.transaction():
-                for write in writes:
-                    if write.error is not None:
-                        continue
-                    segment = write.segment
-                    touched.add(segment)
-                    if write.message is not None:
-                        self.fresh.setdefault(segment, {})[write.message.id] = (write.offset, write.message, now)
-                    elif write.ending is not None:
-                        if self.fresh.get(segment, {}).pop(write.ending.id, None) is None:
-                            self.index.remove(write.ending.id)
-                    elif write.changed is not None and write.changed.id not in self.fresh.get(segment, {}):
-                        self.index.update(write.changed.id, State.of(write.changed.recipients))
-                for segment, waiting in self.fresh.items():
-                    while waiting:
-                        message_id, (_, message, written) = next(iter(waiting.items()))
-                        if now - written < INDEX_AFTER:
-                            break
-                        del waiting[message_id]
-                        self.index.add(message, held=True)
-                        touched.add(segment)
+                for message_id in removed:
+                    self.index.remove(message_id)
+                for message_id, state in updated:
+                    self.index.update(message_id, state)
+                for message in due:
+                    self.index.add(message, held=True)
                 for segment in touched:
                     self.index.applied(segment.number, self._applied(segment))
             for segment in touched:
@@ -238,7 +263,9 @@ class Writer(threading.Thread):
                 for _, message, _ in waiting.values():
                     self.index.add(message, held=True)
                 waiting.clear()
+            for segment in self.unmarked | set(self.fresh):
                 self.index.applied(segment.number, segment.size)
+            self.unmarked.clear()
 
     def write_now(self, writes: list[Write]) -> None:
         """For work on this thread: records written, made durable and applied
@@ -268,6 +295,7 @@ class Writer(threading.Thread):
 
     def _unlink(self, segment: Segment) -> None:
         self.unsynced.discard(segment)
+        self.unmarked.discard(segment)
         segment.close()
         self.segments.pop(segment.number, None)
         try:
