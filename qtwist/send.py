@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from typing import Callable, Coroutine
 
 from twisted.application.service import Service
-from twisted.internet.defer import CancelledError, Deferred, DeferredList
+from twisted.internet.defer import CancelledError, Deferred, DeferredList, ensureDeferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.threads import deferToThread
 from twisted.logger import Logger
@@ -251,9 +251,9 @@ class Scheduler(Service):
     def _deliveries_running(self) -> int:
         return self.in_progress["local"] + self.in_progress["remote"]
 
-    def _track(self, work: Coroutine, what: str) -> Deferred:
+    def _track(self, work: Coroutine | Deferred, what: str) -> Deferred:
         """Run ``work``, which ``settled`` and a stop wait for; a crash is logged."""
-        running = Deferred.fromCoroutine(work)
+        running = ensureDeferred(work)
         self._work.add(running)
         running.addErrback(lambda failure: log.failure("{what} failed", failure, what=what))
         running.addBoth(lambda _: self._work.discard(running))

@@ -38,6 +38,10 @@ FLUSHED = 1e12
 # Rows a piece of bulk work touches at once, so the writer thread goes back
 # to its records (and the sessions waiting on them) in between.
 CHUNK = 2000
+# Free pages given back at once (4 KiB each), for the same reason.
+GIVE_BACK = 4000
+# The write-ahead log is cut back to this many bytes once it is checkpointed.
+WAL_LIMIT = 16 * 2**20
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS message (
@@ -101,7 +105,11 @@ class Index:
                 # Envelopes are private, like the segments: SQLite gives its -wal and -shm the same mode.
                 os.close(os.open(path, os.O_RDWR | os.O_CREAT, 0o600))
             self.db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+            # Rows of ended messages leave free pages, given back by give_back (for a new index only).
+            self.db.execute("PRAGMA auto_vacuum=INCREMENTAL")
             self.db.execute("PRAGMA journal_mode=WAL")
+            # Nor does the log keep the size a big change once gave it.
+            self.db.execute(f"PRAGMA journal_size_limit={WAL_LIMIT}")
             # A crash loses no more than the last commits, which recovery reads again from the segments.
             self.db.execute("PRAGMA synchronous=NORMAL")
             self.db.executescript(SCHEMA)
@@ -140,6 +148,16 @@ class Index:
 
     def applied(self, number: int, size: int) -> None:
         self.db.execute("INSERT OR REPLACE INTO segment VALUES (?,?)", (number, size))
+
+    def give_back(self, pages: int) -> bool:
+        """Up to ``pages`` of the index's free pages go back to the file
+        system; whether some are left to give (never, for an index made
+        before it could: its pages stay free for new rows)."""
+        free = self.db.execute("PRAGMA freelist_count").fetchone()[0]
+        if not free:
+            return False
+        self.db.execute(f"PRAGMA incremental_vacuum({min(free, pages)})").fetchall()
+        return 0 < self.db.execute("PRAGMA freelist_count").fetchone()[0] < free
 
     def segment_empty(self, number: int) -> bool:
         return self.db.execute("SELECT 1 FROM message WHERE segment = ? LIMIT 1", (number,)).fetchone() is None

@@ -12,7 +12,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 
-from qtwist.queue.index import CHUNK, State, open_index, recover
+from qtwist.queue.index import CHUNK, GIVE_BACK, State, open_index, recover
 from qtwist.queue.records import QueuedMessage, QueueError, Recipient, Records, Segment, queue_key
 from qtwist.queue.todo import make_todo_dir
 from qtwist.queue.writer import Work, Write, Writer
@@ -191,14 +191,22 @@ class Queue:
 
         def step(writer: Writer, numbers: list[int]) -> None:
             nonlocal total
-            while numbers:
-                moved, held = writer.compact(numbers[0])
-                if moved:
-                    total += moved
+            try:
+                while numbers:
+                    moved, held = writer.compact(numbers[0])
+                    if moved:
+                        total += moved
+                        writer.submit([Work(lambda writer: step(writer, numbers))])
+                        return
+                    pinned.extend(held)
+                    numbers.pop(0)
+                # The index's pages of ended messages go back too, a piece at a time.
+                if writer.index.give_back(GIVE_BACK):
                     writer.submit([Work(lambda writer: step(writer, numbers))])
                     return
-                pinned.extend(held)
-                numbers.pop(0)
+            except Exception as error:  # logged by whoever waits; the next compaction starts afresh
+                self.reactor.callFromThread(done.errback, error)
+                return
             self.reactor.callFromThread(done.callback, (total, pinned))
         self._submit(Work(lambda writer: step(writer, sorted(writer.segments))))
         return done

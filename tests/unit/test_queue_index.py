@@ -6,6 +6,7 @@ On a Clock over the real queue (tests/support/memory.py)."""
 from __future__ import annotations
 
 import os
+import sqlite3
 
 from twisted.internet import reactor
 from twisted.internet.threads import deferToThread
@@ -13,7 +14,8 @@ from twisted.internet.threads import deferToThread
 from qtwist.delivery import Outcome
 from qtwist.queue import DELIVERED, Queue
 from qtwist.queue.admin import queue_flush, queue_read, queue_remove, queue_stat
-from qtwist.queue.index import Index, open_index
+from qtwist.queue.index import GIVE_BACK, Index, open_index
+from qtwist.queue.records import LEGACY, QueuedMessage, Recipient, Segment
 from qtwist.remote import NO_CONNECTION
 from qtwist.send import next_retry
 from tests.support.memory import SchedulerRig, wait_for
@@ -121,6 +123,36 @@ class DeadDestinationTests(SchedulerTestCase):
         self.assertNotIn(first.id, self.rig.queue.messages)
 
 
+    async def test_the_messages_only_the_index_holds_are_put_off_in_bulk(self) -> None:
+        """The index's messages for a destination found dead wait, untried,
+        until its retry time; the message whose try found it settles as usual."""
+        messages = [await self.send(ALICE, [f"b{n}@dead.test"]) for n in range(5)]
+        await wait_for(lambda: len(self.rig.remote.waiting) == 5, "every first try")
+        for attempt in self.rig.remote.waiting:
+            attempt.answer(LATER)
+        await self.rig.settled()
+        in_index = [m.id for m in messages if m.id not in self.rig.queue.messages]
+        self.assertGreaterEqual(len(in_index), 3)
+        self.clock.advance(max(next_retry(m.born, self.clock.seconds(), "remote") for m in messages)
+                           - self.clock.seconds())
+        for _ in range(20):  # the index is looked at once a second
+            await self.rig.settled()
+            if self.rig.remote.waiting:
+                break
+            self.clock.advance(1)
+        self.rig.remote.waiting[0].answer(UNREACHABLE)
+        for attempt in self.rig.remote.waiting:
+            attempt.answer(UNREACHABLE)
+        await self.rig.settled()
+        until = self.rig.scheduler._dead["dead.test"].until
+        self.assertEqual(self.rig.scheduler.unfinished, 0)
+        index = Index(self.home.path / "queue" / "index.sqlite", readonly=True)
+        self.addCleanup(index.close)
+        due = dict(index.db.execute("SELECT id, due FROM schedule WHERE held = 0"))
+        self.assertTrue(due)
+        self.assertTrue(all(due[i] >= until for i in due), (due, until))
+
+
 class RestartTests(SchedulerTestCase):
     async def test_start_reads_only_what_the_index_has_not_applied(self) -> None:
         """Damage inside what the index already holds goes unnoticed at start
@@ -209,6 +241,38 @@ class CompactionTests(SchedulerTestCase):
             await self.rig.settled()
         self.assertEqual(sorted(a.recipients[0] for a in self.rig.remote.attempts),
                          ["x2@remote2.test", "x5@remote5.test"])
+
+    async def test_the_index_gives_back_the_room_of_ended_messages(self) -> None:
+        path = self.home.path / "spare-index.sqlite"
+        index = Index(path)
+        self.addCleanup(index.close)
+        segment = Segment(1, self.home.path / "seg-1", LEGACY)
+        with index.transaction():
+            for n in range(1, 5001):
+                index.add(QueuedMessage(n, 0.0, "a@b.test", [Recipient(f"x{n}@remote.test")], 1000, segment, 0),
+                          held=False)
+        index.db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        full = path.stat().st_size
+        with index.transaction():
+            index.drop_segment(1)
+        while index.give_back(GIVE_BACK):
+            pass
+        index.db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        self.assertLess(path.stat().st_size, full / 4)
+        self.assertEqual(index.count(), 0)
+
+    async def test_an_index_made_without_giving_back_keeps_its_free_pages_and_says_so(self) -> None:
+        path = self.home.path / "old-index.sqlite"
+        old = sqlite3.connect(path)
+        old.execute("CREATE TABLE spare (x)")
+        old.executemany("INSERT INTO spare VALUES (?)", [(b"x" * 1000,) for _ in range(100)])
+        old.commit()
+        old.close()
+        index = Index(path)
+        self.addCleanup(index.close)
+        index.db.execute("DELETE FROM spare")
+        self.assertEqual(index.db.execute("PRAGMA auto_vacuum").fetchone()[0], 0)
+        self.assertFalse(index.give_back(GIVE_BACK))
 
     async def test_a_segment_whose_messages_are_mostly_alive_stays(self) -> None:
         queue = self.rig.queue
