@@ -361,14 +361,14 @@ class Scheduler(Service):
         """Held messages would keep a compacted segment for as long as they
         wait: those only waiting for a retry are let go, and moved at once."""
         moved, pinned = await self.queue.compact()
-        let_go = 0
+        let_go: set[int] = set()
         for message in filter(None, map(self.queue.messages.get, pinned)):
             due = self._releasable(message)
-            if due is not None:
+            if due is not None and message.segment is not None:
+                let_go.add(message.segment.number)
                 self._release(message, due)
-                let_go += 1
         if let_go:
-            moved += (await self.queue.compact())[0]
+            moved += (await self.queue.compact(let_go))[0]
         if moved:
             self.log(f"compacted the queue: moved {moved} messages out of segments mostly ended")
 

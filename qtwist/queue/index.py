@@ -25,7 +25,7 @@ import os
 import sqlite3
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import Collection, Iterator
 
 from qtwist.numbers import decimal
 from qtwist.queue.records import (FAILED, LEGACY, PENDING, QueuedMessage, Recipient, Records, Segment, keep_copy,
@@ -186,14 +186,16 @@ class Index:
 
     # -- what the scheduler asks ---------------------------------------------------
 
-    def take_due(self, limit: int, segments: dict[int, Segment]) -> list[QueuedMessage]:
+    def take_due(self, limit: int, segments: dict[int, Segment], skip: Collection[int] = ()) -> list[QueuedMessage]:
         """The ``limit`` messages due soonest that the server does not hold,
-        now marked held.  A pending recipient is due no earlier than its
-        message (a dead destination put it off), or at once when flushed."""
+        and that lie in no segment of ``skip``, now marked held.  A pending
+        recipient is due no earlier than its message (a dead destination put
+        it off), or at once when flushed."""
         rows = self.db.execute(
             "SELECT m.id, m.segment, m.offset, m.size, m.born, m.sender, m.recipients, s.due "
-            "FROM schedule s JOIN message m ON m.id = s.id WHERE s.held = 0 ORDER BY s.due LIMIT ?",
-            (limit,)).fetchall()
+            "FROM schedule s JOIN message m ON m.id = s.id WHERE s.held = 0 "
+            f"AND m.segment NOT IN ({','.join('?' * len(skip))}) ORDER BY s.due LIMIT ?",
+            (*skip, limit)).fetchall()
         if not rows:
             return []
         with self.transaction():

@@ -139,7 +139,7 @@ class Queue:
         """Fires with the (at most ``limit``) messages due soonest the server
         does not hold, now held, and when the next one after them is due."""
         def take(writer: Writer) -> tuple[list[QueuedMessage], float | None]:
-            return writer.index.take_due(limit, writer.segments), writer.index.next_due()
+            return writer.index.take_due(limit, writer.segments, writer.compacting), writer.index.next_due()
         deferred = self._ask(take)
         return deferred.addCallback(self._took)
 
@@ -182,12 +182,21 @@ class Queue:
         self._submit(Work(lambda writer: remove(writer, 0)))
         return done
 
-    def compact(self) -> Deferred:
+    def compact(self, only: set[int] | None = None) -> Deferred:
         """Compact the segments mostly made of ended messages (Writer.compact),
         a step at a time between other work; fires with how many messages
-        moved and the ids of held messages that keep a segment from going."""
+        moved and the ids of held messages that keep a segment from going.
+        With ``only``, just those segments, and until each is done the index
+        gives none of its messages to the server (the caller let go of them
+        so that they could move)."""
         done = Deferred()
         total, pinned = 0, []
+
+        def start(writer: Writer) -> None:
+            numbers = sorted(writer.segments if only is None else only & writer.segments.keys())
+            if only is not None:
+                writer.compacting.update(numbers)
+            step(writer, numbers)
 
         def step(writer: Writer, numbers: list[int]) -> None:
             nonlocal total
@@ -199,16 +208,17 @@ class Queue:
                         writer.submit([Work(lambda writer: step(writer, numbers))])
                         return
                     pinned.extend(held)
-                    numbers.pop(0)
+                    writer.compacting.discard(numbers.pop(0))
                 # The index's pages of ended messages go back too, a piece at a time.
                 if writer.index.give_back(GIVE_BACK):
                     writer.submit([Work(lambda writer: step(writer, numbers))])
                     return
             except Exception as error:  # logged by whoever waits; the next compaction starts afresh
+                writer.compacting.difference_update(numbers)
                 self.reactor.callFromThread(done.errback, error)
                 return
             self.reactor.callFromThread(done.callback, (total, pinned))
-        self._submit(Work(lambda writer: step(writer, sorted(writer.segments))))
+        self._submit(Work(start))
         return done
 
     def _in_chunks(self, step) -> Deferred:

@@ -87,6 +87,9 @@ class Writer(threading.Thread):
         # New messages the index has not heard of, per segment, oldest first:
         # id -> (offset of the M record, the message, when it was written).
         self.fresh: dict[Segment, dict[int, tuple[int, QueuedMessage, float]]] = {}
+        # Segments being compacted whose messages the index gives the server
+        # none of meanwhile (Queue.compact).
+        self.compacting: set[int] = set()
         # Segments written to since the index's marks last moved, and when that was.
         self.unmarked: set[Segment] = set()
         self.marked_at = -math.inf

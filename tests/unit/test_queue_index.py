@@ -261,6 +261,17 @@ class CompactionTests(SchedulerTestCase):
         self.assertLess(path.stat().st_size, full / 4)
         self.assertEqual(index.count(), 0)
 
+    async def test_messages_of_a_segment_being_compacted_stay_in_the_index(self) -> None:
+        index = Index(":memory:")
+        self.addCleanup(index.close)
+        segments = {n: Segment(n, self.home.path / f"seg-{n}", LEGACY) for n in (1, 2)}
+        with index.transaction():
+            for n in range(1, 7):
+                index.add(QueuedMessage(n, 0.0, "a@b.test", [Recipient("x@remote.test", next_try=n)], 10,
+                                        segments[1 + n % 2], 0), held=False)
+        self.assertEqual([m.id for m in index.take_due(10, segments, skip={1})], [1, 3, 5])
+        self.assertEqual([m.id for m in index.take_due(10, segments)], [2, 4, 6])
+
     async def test_an_index_made_without_giving_back_keeps_its_free_pages_and_says_so(self) -> None:
         path = self.home.path / "old-index.sqlite"
         old = sqlite3.connect(path)
