@@ -21,14 +21,15 @@ plus new ones; the others wait in the index until they are due.  SQLite
 because it is in the standard library, keeps ordered indexes on disk, lets
 ``qtwist`` read while the server writes, and survives kill -9 at any point.
 
-The index is kept by the writer thread after each batch, so the reactor
-never waits on it, and it does not hear of most messages at all: one
-delivered within INDEX_AFTER seconds of its 250 is written to the segment
-and ended there, costing the index nothing.  Per segment the index notes
-how far it reflects the log; recovery at start reads only what lies beyond
-(the last moments before a crash), so the first banner comes at once
-whatever the size of the queue.  A queue without an index (an older
-server's) is read from the start, once.
+The index is kept by the writer thread after each batch, once the batch's
+250s are out, so neither the reactor nor a client waits on it, and it does
+not hear of most messages at all: one delivered within INDEX_AFTER seconds
+of its 250 is written to the segment and ended there, costing the index
+nothing (a batch that changes nothing in it costs no commit either).  Per
+segment the index notes how far it reflects the log; recovery at start
+reads only what lies beyond (the last moments before a crash), so the
+first banner comes at once whatever the size of the queue.  A queue
+without an index (an older server's) is read from the start, once.
 
 Dead destinations cost one try: when no host of a domain takes a
 connection, the scheduler puts off, untried, every message for it until the
