@@ -71,6 +71,38 @@ class ActiveLimitTests(SchedulerTestCase):
         self.assertLessEqual(len(self.rig.queue.messages), 3)
         await self.until(lambda: queue_stat(self.home.path) == (0, 0), "an empty queue")
 
+    async def test_messages_only_the_index_holds_keep_qmails_schedule_and_their_lifetime(self) -> None:
+        self.control("queuelifetime", "1000\n")
+        messages = await self.defer_all(6)
+        self.assertTrue(all(m.recipients[0].next_try == m.born + 400 for m in messages))
+        tries: dict[str, list[float]] = {}
+        for _ in range(1200):  # a second at a time: the index is looked at once a second
+            if len(tries) == 6 and all(len(times) == 2 for times in tries.values()):
+                break
+            self.clock.advance(1)
+            await self.rig.settled()
+            for attempt in self.rig.remote.waiting:
+                tries.setdefault(attempt.recipients[0], []).append(self.clock.seconds())
+                attempt.answer(LATER)
+            for attempt in self.rig.local.waiting:  # the bounces
+                attempt.answer(DONE)
+            await self.rig.settled()
+        for message in messages:
+            born, times = message.born, tries[message.recipients[0].address]
+            # Each try when due, give or take the index's once-a-second look (and the
+            # turn its answer takes): 400 s, then the lifetime's end at 1000 s (qmail's
+            # next try would be at 1600 s), and no more.
+            self.assertEqual(len(times), 2, times)
+            self.assertTrue(born + 400 <= times[0] <= born + 403, (born, times))
+            self.assertTrue(born + 1000 <= times[1] <= born + 1003, (born, times))
+        given_up = [line for line in self.log() if "failure:" in line and "not_going_to_try_again" in line]
+        self.assertEqual(len(given_up), 6)
+        for attempt in self.rig.local.waiting:
+            attempt.answer(DONE)
+        self.clock.advance(3600)
+        await self.rig.settled()
+        self.assertEqual(self.rig.remote.waiting, [])
+
     async def test_flush_retries_what_only_the_index_holds(self) -> None:
         await self.defer_all(5)
         flushed_at = self.clock.seconds()
