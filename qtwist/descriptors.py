@@ -80,12 +80,10 @@ class DescriptorBudget:
     def opened(self) -> bool:
         """Count a new connection; False, counting nothing, when it must be
         closed at once (half the reserve is gone too)."""
-        reserve = self.reserve()
-        budget = max(1, self.limit - reserve)
-        if self.open >= budget + reserve // 2:
+        if self.open >= self.budget + self.reserve() // 2:
             return False
         self.open += 1
-        if self.open >= budget and not self._paused:
+        if self.open >= self.budget and not self._paused:
             self._paused = True
             self._pauses += 1
             for port in self._ports:
@@ -102,7 +100,7 @@ class DescriptorBudget:
     def closed(self) -> None:
         self.open -= 1
         # A little below the budget first, so a flood does not pause and resume every connection.
-        if self._paused and self.open < (budget := self.budget) - max(1, budget // 20):
+        if self._paused and self.open < self.budget - max(1, self.budget // 20):
             self._paused = False
             for port in self._ports:
                 port.startReading()

@@ -25,12 +25,11 @@ from qtwist import sasl
 from qtwist.control import Settings
 from qtwist.descriptors import DescriptorBudget
 from qtwist.hooks import Answer, Hooks, PluginContext, Session
-from qtwist.limits import Admission, Limits, smtp_limits
+from qtwist.limits import Admission, smtp_limits
 from qtwist.login import Logins, Refusal, client_address
 from qtwist.numbers import decimal
 from qtwist.pipelining import PipeliningServer, write_now
 from qtwist.policy import ClientInfo, bad_mail_from, bad_rcpt_to, rcpt_allowed, with_default_host
-from qtwist.rules import Rule
 from qtwist.tls import can_upgrade, cipher_of, is_encrypted
 
 log = Logger(namespace="qtwist.smtpd")
@@ -205,7 +204,7 @@ class SMTPServer(PipeliningServer):
             self.transport.abortConnection()
             return
         self.last_activity = self.clock.seconds()
-        refused = self.factory.admission.admit(self, ip, self.factory.limits(rule, self.settings), self.last_activity)
+        refused = self.factory.admission.admit(self, ip, smtp_limits(rule.env, self.settings), self.last_activity)
         if refused is not None:
             # One line, no session: a flood of these must cost next to nothing (not even a log line).
             self.transport.write(f"421 {self.settings.me} {refused} (#4.7.0)\r\n".encode("latin-1", "replace"))
@@ -633,15 +632,6 @@ class SMTPFactory(Factory):
         self.queued = queued
         self.clock = clock
         self.grants = grants
-        self._limits: tuple[Rule, Settings, Limits] | None = None
-
-    def limits(self, rule: Rule, settings: Settings) -> Limits:
-        """smtp_limits for a client ``rule`` matched, worked out again only
-        when the rule or the settings are not those of the last connection."""
-        cached = self._limits
-        if cached is None or cached[0] is not rule or cached[1] is not settings:
-            cached = self._limits = (rule, settings, smtp_limits(rule.env, settings))
-        return cached[2]
 
     def has_grant(self, ip: str, settings: Settings) -> bool:
         return self.grants is not None and self.grants.is_live(ip, settings.relaygrantlifetime)

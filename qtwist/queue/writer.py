@@ -40,10 +40,11 @@ class Write:
     (a new message, ``message``); the writer fills in where it went.
     ``ending`` is the message an E record ends; ``changed`` one whose
     recipients changed (the index, if it holds the message, learns their
-    state as it is when the record is written: never older than the record).  A ``durable`` record is
-    fdatasynced before its Deferred fires; the others (results, retry times,
-    ends) reach the disk with the next fdatasync of their file or at close:
-    losing them in a crash repeats a delivery, never loses a message."""
+    state as it is when the record is written: never older than the
+    record).  A ``durable`` record is fdatasynced before its Deferred fires;
+    the others (results, retry times, ends) reach the disk with the next
+    fdatasync of their file or at close: losing them in a crash repeats a
+    delivery, never loses a message."""
 
     data: bytes
     segment: Segment | None
