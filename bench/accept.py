@@ -16,6 +16,12 @@ that lists nobody):
     python bench/accept.py --dns --plugins rbl,spf,chkuser,dkim \
         --control rblservers=bl.bench.test --control spfbehavior=3
 
+The user in a database (control/userdb), next to the vpasswd figure of the
+same run; with chkuser, every RCPT asks the user store:
+
+    python bench/accept.py --plugins chkuser --userdb mysql://root@127.0.0.1/qtwist_bench \
+        --userdb postgresql://postgres@127.0.0.1/qtwist_bench
+
 Everything stays on 127.0.0.1; the run is bounded by --max-seconds.
 Work files go to a fresh directory under --work (default: a temporary
 directory) and are left in place: deleting thousands of files slows later
@@ -38,6 +44,7 @@ from pathlib import Path
 
 # The helpers the tests use (tests/support), from this checkout.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from qtwist.sqldb import parse_userdb  # noqa: E402
 from tests.support.dns import ZoneServer  # noqa: E402
 from tests.support.waiting import free_port, listening, poll  # noqa: E402
 
@@ -111,8 +118,32 @@ def main() -> int:
                         help="answer the server's DNS look-ups from a local zone (for plugins)")
     parser.add_argument("--accept-only", action="store_true",
                         help="measure acceptance alone: no local deliveries (concurrencylocal 0)")
+    parser.add_argument("--userdb", action="append", default=[], metavar="URL",
+                        help="also run with the user in this database (control/userdb; repeatable), "
+                             "after a run with vpasswd files, and compare")
     args = parser.parse_args()
 
+    results = []
+    for userdb in [None, *args.userdb]:
+        result = run(args, userdb)
+        if result is None:
+            return 1
+        results.append((userdb or "vpasswd", result))
+    if args.userdb:
+        baseline = results[0][1]
+        print("\nuser store                                   accepted msgs/s  delivered msgs/s  of vpasswd")
+        for name, (accepted, delivered) in results:
+            share = accepted / baseline[0] * 100
+            print(f"{_without_password(name):44} {accepted:15.1f}  {delivered:16.1f}  {share:9.1f}%")
+    return 0
+
+
+def _without_password(url: str) -> str:
+    return str(parse_userdb(url))
+
+
+def run(args: argparse.Namespace, userdb: str | None) -> tuple[float, float] | None:
+    """One run; (accepted, delivered) msgs/s, or None when it failed."""
     work = Path(tempfile.mkdtemp(prefix="qtwist-bench-", dir=args.work))
     home = work / "home"
     (home / "control").mkdir(parents=True)
@@ -122,7 +153,12 @@ def main() -> int:
         (home / "control" / name).write_text(value + "\n")
     if args.plugins:
         (home / "control" / "plugins").write_text("\n".join(args.plugins.split(",")) + "\n")
+    if userdb:
+        (home / "control" / "userdb").write_text(userdb + "\n")
     qtwist(home, "domain", "add", "example.test")
+    if userdb:  # a database may still hold joe from an earlier run (with another home)
+        subprocess.run([tool("qtwist"), "--home", str(home), "user", "del", "joe@example.test"],
+                       capture_output=True)
     qtwist(home, "user", "add", "joe@example.test", "--password", "bench-pass")
     port = free_port()
     log = open(work / "twistd.log", "wb")
@@ -137,7 +173,7 @@ def main() -> int:
     try:
         if not poll(lambda: listening("127.0.0.1", port), 20):
             print(f"server did not start; see {work / 'twistd.log'}", file=sys.stderr)
-            return 1
+            return None
         body = make_body(args.size)
         maildir_new = home / "domains" / "example.test" / "joe" / "Maildir" / "new"
         cpu_before = _cpu(server.pid)
@@ -157,7 +193,11 @@ def main() -> int:
         log.close()
         if dns is not None:
             dns.stop()
+        if userdb:
+            subprocess.run([tool("qtwist"), "--home", str(home), "user", "del", "joe@example.test"],
+                           capture_output=True)
     ok = args.messages - len(errors)
+    print(f"user store: {_without_password(userdb) if userdb else 'vpasswd'}")
     print(f"sessions={args.sessions} messages={args.messages} size={args.size} errors={len(errors)}")
     if errors:
         print(f"first error: {errors[0]}")
@@ -168,7 +208,9 @@ def main() -> int:
         print("delivered: INCOMPLETE (not every message reached the Maildir in time)")
     print(f"server CPU: {cpu:.2f} s ({cpu / max(ok, 1) * 1000:.2f} ms/msg)")
     print(f"work directory: {work}")
-    return 0 if complete and not errors else 1
+    if not (complete or args.accept_only) or errors:
+        return None
+    return ok / accepted, (ok / finished if complete else 0.0)
 
 
 def _cpu(pid: int) -> float:

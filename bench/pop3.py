@@ -14,7 +14,10 @@ passwords, as `qtwist user add` writes them) and POP3 on a loopback port, then
       messages/s and MiB/s.
 
     python bench/pop3.py [--users 50] [--clients 50] [--logins 5000] [--login-seconds 60]
-                         [--messages 40] [--size 10240]
+                         [--messages 40] [--size 10240] [--userdb URL]
+
+With --userdb, users and grants live in that database (control/userdb), so
+every login is a look-up there and a write to its relay and lastauth tables.
 
 The load generator is one asyncio thread on raw sockets; its CPU time is
 printed next to the server's so it can be seen not to dominate the machine.
@@ -39,7 +42,10 @@ from pathlib import Path
 from accept import _cpu as server_cpu
 from accept import tool
 from tests.support.waiting import free_port, listening, poll
-from qtwist.users import UserDB
+from qtwist.grants import SQLGrants
+from qtwist.sqldb import parse_userdb
+from qtwist.sqlusers import SQLUserStore
+from qtwist.users import open_store
 
 DOMAIN = "bench.test"
 PASSWORD = "bench-pass"
@@ -60,15 +66,29 @@ def user_name(index: int) -> str:
     return f"user{index:05d}@{DOMAIN}"
 
 
-def make_home(work: Path, users: int) -> Path:
+def make_home(work: Path, users: int, userdb: str | None) -> Path:
+    """A home with ``users`` users, in vpasswd or in the database at ``userdb``
+    (where users of an earlier run are replaced)."""
     home = work / "home"
     (home / "control").mkdir(parents=True)
     (home / "control" / "me").write_text(f"mx.{DOMAIN}\n")
-    db = UserDB(home)
+    if userdb:
+        (home / "control" / "userdb").write_text(userdb + "\n")
+    db = open_store(home)
     db.add_domain(DOMAIN)
     for index in range(users):
+        if userdb and db.lookup(user_name(index)) is not None:
+            db.delete_user(user_name(index))
         db.add_user(user_name(index), PASSWORD)
     return home
+
+
+def grants_recorded(home: Path) -> int:
+    """The grant files, or the rows of the database's relay table."""
+    db = open_store(home)
+    if isinstance(db, SQLUserStore):
+        return len(SQLGrants(db.database).list())
+    return len(os.listdir(home / "open-smtp")) if (home / "open-smtp").is_dir() else 0
 
 
 def fill_maildirs(home: Path, users: int, messages: int, size: int) -> None:
@@ -183,12 +203,14 @@ def main() -> int:
     parser.add_argument("--messages", type=int, default=40, help="messages per user for phase (b)")
     parser.add_argument("--size", type=int, default=10240, help="bytes per message")
     parser.add_argument("--work", default=None, help="directory for the run's files")
+    parser.add_argument("--userdb", default=None, metavar="URL",
+                        help="users and grants in this database (control/userdb) instead of files")
     args = parser.parse_args()
     if args.users < args.clients:
         parser.error("--users must be at least --clients: two sessions cannot share a maildrop")
 
     work = Path(tempfile.mkdtemp(prefix="qtwist-bench-pop3-", dir=args.work))
-    home = make_home(work, args.users)
+    home = make_home(work, args.users, args.userdb)
     port = free_port()
     log = open(work / "twistd.log", "wb")
     server = subprocess.Popen([tool("twistd"), "-n", "--pidfile=", "qmail", "--home", str(home),
@@ -205,7 +227,7 @@ def main() -> int:
         latencies, login_errors = asyncio.run(login_load(port, args.clients, args.logins, args.login_seconds))
         login_elapsed = time.monotonic() - started
         login_cpu, login_own = server_cpu(server.pid) - cpu, own_cpu() - own
-        grants = len(os.listdir(home / "open-smtp")) if (home / "open-smtp").is_dir() else 0
+        grants = grants_recorded(home)
 
         fill_maildirs(home, args.clients, args.messages, args.size)
         cpu, own = server_cpu(server.pid), own_cpu()
@@ -220,9 +242,10 @@ def main() -> int:
 
     done = len(latencies)
     rate = done / login_elapsed
-    print(f"users={args.users} clients={args.clients} cpus={os.cpu_count()}")
+    store = str(parse_userdb(args.userdb)) if args.userdb else "vpasswd"
+    print(f"users={args.users} clients={args.clients} cpus={os.cpu_count()} user store: {store}")
     print(f"(a) logins: {done} in {login_elapsed:.2f} s = {rate:.1f} logins/s = "
-          f"{rate * 3600:,.0f} logins/hour; errors={len(login_errors)}; grant files={grants}")
+          f"{rate * 3600:,.0f} logins/hour; errors={len(login_errors)}; grants recorded={grants}")
     if latencies:
         print(f"    latency ms: median {statistics.median(latencies) * 1000:.1f}, "
               f"p90 {percentile(latencies, 0.9) * 1000:.1f}, p99 {percentile(latencies, 0.99) * 1000:.1f}, "

@@ -17,7 +17,9 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterator
 
-from qtwist.users import UserDB, UsersError
+from qtwist.sqldb import Database, UserDBError, parse_userdb
+from qtwist.sqlusers import SQLUserStore
+from qtwist.users import IUserStore, UserDB, UsersError, UserStoreUnavailable, open_store
 
 DEFAULT_HOME = Path("/var/qtwist")
 _MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun",
@@ -30,8 +32,16 @@ class CommandError(Exception):
 
 # -- domains and users -------------------------------------------------------
 
+def _store(args: argparse.Namespace) -> IUserStore:
+    """The store control/userdb names (vpasswd files or vpopmail's database)."""
+    try:
+        return open_store(args.home)
+    except UserDBError as error:
+        raise CommandError(str(error)) from None
+
+
 def _domain(args: argparse.Namespace) -> None:
-    db = UserDB(args.home)
+    db = _store(args)
     if args.action == "list":
         for domain in db.domains():
             print(domain)
@@ -64,7 +74,7 @@ def _read_password(args: argparse.Namespace) -> str:
 
 
 def _user(args: argparse.Namespace) -> None:
-    db = UserDB(args.home)
+    db = _store(args)
     if args.action == "list":
         domains = [args.target] if args.target else db.domains()
         for domain in domains:
@@ -186,14 +196,45 @@ def _queue(args: argparse.Namespace) -> None:
 
 def _relay(args: argparse.Namespace) -> None:
     """POP-before-SMTP grants: who may relay now, and for how long already."""
-    from qtwist.grants import Grants
+    from qtwist.grants import Grants, SQLGrants
 
-    grants = Grants(args.home)
+    store = _store(args)
+    grants = SQLGrants(store.database) if isinstance(store, SQLUserStore) else Grants(args.home)
     if args.action == "list":
         for ip, age in grants.list():
             print(f"{ip}\t{int(age)}")
         return
     print(f"cleared {grants.clear(args.older)} grant(s)")
+
+
+def _userdb(args: argparse.Namespace) -> None:
+    """Copy users between the vpasswd files and a database, both ways; running
+    it again changes nothing."""
+    files = UserDB(args.home)
+    if args.action == "export":
+        target: IUserStore = _database_store(args.home, args.url)
+        source: IUserStore = files
+    else:
+        source, target = (_database_store(args.home, args.url) if args.url else _store(args)), files
+        if not isinstance(source, SQLUserStore):
+            raise CommandError("control/userdb names no database: give its URL")
+    counts = {"added": 0, "updated": 0, "unchanged": 0}
+    for domain in files.domains():
+        for user in source.users(domain):
+            counts[target.store(user)] += 1
+    where = target.database.address if isinstance(target, SQLUserStore) else "the vpasswd files"
+    print(f"{args.action}: {counts['added']} added, {counts['updated']} updated, "
+          f"{counts['unchanged']} unchanged in {where}")
+
+
+def _database_store(home: Path, url: str) -> SQLUserStore:
+    try:
+        address = parse_userdb(url)
+    except UserDBError as error:
+        raise CommandError(str(error)) from None
+    if address is None:
+        raise CommandError(f"{url!r} names no database")
+    return SQLUserStore(home, Database(address))
 
 
 def _sendmail(args: argparse.Namespace) -> None:
@@ -285,6 +326,14 @@ def build_parser() -> argparse.ArgumentParser:
                        help="only grants at least this old")
     relay.set_defaults(run=_relay)
 
+    userdb = commands.add_parser("userdb", help="copy users between the vpasswd files and a database")
+    userdb_actions = userdb.add_subparsers(dest="action", metavar="ACTION", required=True)
+    export = userdb_actions.add_parser("export", help="copy the vpasswd users into the database at URL")
+    export.add_argument("url", metavar="URL", help="mysql://user:pass@host:port/db or postgresql://...")
+    imports = userdb_actions.add_parser("import", help="copy the database's users into the vpasswd files")
+    imports.add_argument("url", nargs="?", metavar="URL", help="the database (default: control/userdb's)")
+    userdb.set_defaults(run=_userdb)
+
     # sendmail's own option syntax (-t, -oi, -fSENDER, options among recipients)
     # is parsed by qtwist.inject, so argparse sees only words here.
     sendmail = commands.add_parser(
@@ -308,6 +357,8 @@ def main(argv: list[str] | None = None) -> int:
         return run(args) or 0
     except (CommandError, UsersError) as error:
         print(f"qtwist: {error}", file=sys.stderr)
+    except UserStoreUnavailable as error:
+        print(f"qtwist: the user database cannot be used: {error}", file=sys.stderr)
     except OSError as error:
         where = f" {error.filename}:" if error.filename else ""
         print(f"qtwist:{where} {error.strerror or error}", file=sys.stderr)

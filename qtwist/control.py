@@ -107,6 +107,7 @@ class Settings:
     selfsignedcert: bool = False
     servercert: Path | None = None
     listeners: tuple[tuple[str, str], ...] = ()
+    userdb: str = "vpasswd"
     local_domains: frozenset[str] = frozenset()
     origins: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}), hash=False)
 
@@ -246,6 +247,17 @@ def _number(where: str, entries: Entries) -> tuple[int | None, list[str]]:
     if text.isascii() and text.isdigit():
         return None, [f"{where}:{number}: number too big (at most {MOST_DIGITS} digits)"]
     return None, [f"{where}:{number}: not a number: {text[:40]!r}"]
+
+
+def _userdb(where: str, entries: Entries) -> tuple[str | None, list[str]]:
+    """The user store, as shown: "vpasswd" or the database without its password."""
+    from qtwist.sqldb import UserDBError, parse_userdb
+
+    try:
+        address = parse_userdb("\n".join(text for _, text in entries))
+    except UserDBError as error:
+        return None, [f"{where}:{entries[0][0]}: {str(error).removeprefix('control/userdb: ')}"]
+    return ("vpasswd" if address is None else str(address)), []
 
 
 def _flag(where: str, entries: Entries) -> tuple[bool | None, list[str]]:
@@ -415,6 +427,8 @@ CONTROLS: tuple[Control, ...] = (
             "1: make a self-signed servercert.pem at start when there is none (for a demo)"),
     Control("listeners", "listeners", _listeners,
             "NAME ENDPOINT lines (smtp tcp:25): the listeners when the command line names none"),
+    Control("userdb", "userdb", _userdb,
+            "where users live: vpasswd (files), a mysql:// or postgresql:// URL, or a vpopmail.mysql line"),
 )
 
 # What feeds the Settings fields that do not come from one CONTROLS file.

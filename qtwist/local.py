@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING
 from qtwist import maildir
 from qtwist.delivery import Outcome
 from qtwist.fsutil import write_all
-from qtwist.users import BOUNCE_MAIL, IUserStore, User
+from qtwist.users import BOUNCE_MAIL, IUserStore, User, UserStoreUnavailable
 
 if TYPE_CHECKING:
     from qtwist.control import Settings
@@ -130,6 +130,8 @@ def deliver(home: Path, settings: Settings, users: IUserStore, recipient: str, s
         return stop.outcome
     except OSError as error:
         return Outcome.deferral(f"Temporary error on local delivery: {_os_text(error)}. (#4.3.0)")
+    except UserStoreUnavailable:
+        return Outcome.deferral("Temporary failure: the user database is unavailable. (#4.3.0)")
 
 
 def _one_line(text: str) -> str:
@@ -174,11 +176,17 @@ def _dot_qmail_names(local: str) -> list[tuple[str, str | None]]:
 
 
 def _deliver_virtual(delivery: _Delivery, domain_path: Path) -> Outcome:
-    """dot-qmail (not .qmail-default), then the vpasswd user, then .qmail-default."""
+    """dot-qmail (not .qmail-default), then the store's alias (valias, read
+    first by vdelivermail), then the user, then .qmail-default."""
     names = _dot_qmail_names(delivery.local)
     for name, default in names[:-1]:
         if _follow_if_present(delivery, domain_path / name, default):
             return delivery.success()
+    lines = delivery.users.aliases(delivery.local, delivery.host)
+    if lines:
+        _follow(delivery, domain_path / ".qmail-valias", "".join(f"{line}\n" for line in lines), None,
+                forward_only=False)
+        return delivery.success()
     user = _find_user(delivery)
     if user is not None:
         _deliver_user(delivery, user)
@@ -226,7 +234,7 @@ def mailbox_check(home: Path, settings: Settings, users: IUserStore, recipient: 
         return "ok"
     domain_path = Path(home) / "domains" / domain_dir
     names = _dot_qmail_names(local)
-    if any((domain_path / name).is_file() for name, _ in names[:-1]):
+    if any((domain_path / name).is_file() for name, _ in names[:-1]) or users.aliases(local, host.lower()):
         return "ok"
     user = _vpasswd_user(users, local, domain_dir)
     if user is not None:

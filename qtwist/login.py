@@ -26,11 +26,10 @@ from twisted.cred.portal import IRealm, Portal
 from twisted.internet.defer import Deferred, fail
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import deferLater
-from twisted.internet.threads import deferToThread
 from twisted.logger import Logger
 from zope.interface import Interface, implementer
 
-from qtwist.users import IUserStore, User
+from qtwist.users import IUserStore, User, UserStoreUnavailable
 
 log = Logger(namespace="qtwist.login")
 
@@ -198,9 +197,9 @@ class StoreChecker:
             return fail(UnauthorizedLogin())
         address = _text(credentials.username)
         if IUsernamePassword.providedBy(credentials):
-            checked = deferToThread(self.users.authenticate, address, _text(credentials.password))
+            checked = self.users.defer(self.users.authenticate, address, _text(credentials.password))
         else:
-            checked = deferToThread(self._challenge_answered, address, credentials)
+            checked = self.users.defer(self._challenge_answered, address, credentials)
         return checked.addCallback(self._allowed)
 
     def _challenge_answered(self, address: str, credentials) -> User | None:
@@ -255,9 +254,12 @@ class LoginResult:
 class Logins:
     """The one way in for one service: its portal and the shared throttle."""
 
-    def __init__(self, service: str, portal: Portal, throttle: FailureThrottle, clock: IReactorTime) -> None:
+    def __init__(self, service: str, portal: Portal, throttle: FailureThrottle, clock: IReactorTime,
+                 users: IUserStore | None = None) -> None:
+        """``users``, when given, notes each successful login (vpopmail's lastauth)."""
         self.service = service
         self.portal = portal
+        self.users = users
         self.throttle = throttle
         self.clock = clock
 
@@ -275,6 +277,9 @@ class Logins:
             return LoginResult(refusal=Refusal.BLOCKED)
         try:
             _, user, _ = await self.portal.login(credentials, None, IMailUser)
+        except UserStoreUnavailable:
+            # Said once by the store when the outage began; no line per client.
+            return LoginResult(refusal=Refusal.UNAVAILABLE)
         except UnauthorizedLogin:
             log.info("{service}: {method} login failed for {name!r} from {ip}", service=self.service,
                      method=method, name=name, ip=ip)
@@ -285,9 +290,17 @@ class Logins:
                         method=method, name=name)
             return LoginResult(refusal=Refusal.UNAVAILABLE)
         self.throttle.succeeded(ip)
+        noted = self.users.logged_in(user, ip) if self.users is not None else None
+        if noted is not None:
+            noted.addErrback(self._not_noted, user)
         log.info("{service}: {method} login ok {user} from {ip}", service=self.service, method=method,
                  user=user.address, ip=ip)
         return LoginResult(user=user)
+
+    def _not_noted(self, failure, user: User) -> None:
+        if not failure.check(UserStoreUnavailable):
+            log.failure("{service}: cannot note the login of {user}", failure, service=self.service,
+                        user=user.address)
 
 
 def _printable(text: str) -> str:

@@ -46,7 +46,7 @@ from qtwist import local
 from qtwist.control import ControlWatcher, Settings
 from qtwist.delivery import ILocalDelivery, Outcome
 from qtwist.queue import QueuedMessage
-from qtwist.users import IUserStore, UserDB
+from qtwist.users import IUserStore, open_store
 
 log = Logger(namespace="qtwist.lspawn")
 
@@ -308,7 +308,7 @@ def main(argv: list[str]) -> None:
     sys.setswitchinterval(SWITCH_INTERVAL)
     home = Path(argv[0])
     settings = _FreshSettings(home)
-    users = UserDB(home)
+    users = open_store(home)
     answers = _Answers(sys.stdout.fileno())
 
     def run(number: int, *job) -> None:

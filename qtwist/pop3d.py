@@ -43,12 +43,12 @@ from zope.interface import implementer
 
 from qtwist import maildir
 from qtwist.descriptors import DescriptorBudget
-from qtwist.grants import Grants
+from qtwist.grants import Grants, SQLGrants
 from qtwist.limits import Admission, pop3_limits
 from qtwist.login import NO_IP, APOPCredentials, Logins, PlainCredentials, Refusal, client_address
 from qtwist.numbers import decimal
 from qtwist.tls import can_upgrade, is_encrypted
-from qtwist.users import User
+from qtwist.users import User, UserStoreUnavailable
 
 if TYPE_CHECKING:
     from qtwist.control import Settings
@@ -565,9 +565,16 @@ class POP3Server(LineReceiver, TimeoutMixin):
         if self._client_ip == NO_IP:
             return
         try:
-            self.factory.grants.record(self._client_ip)
+            recorded = self.factory.grants.record(self._client_ip)
         except (OSError, ValueError):
             _log.failure("pop3d: cannot record the relay grant for {ip}", ip=self._client_ip)
+            return
+        if isinstance(recorded, Deferred):  # the relay table: written while the session goes on
+            recorded.addErrback(self._grant_failed)
+
+    def _grant_failed(self, failure: Failure) -> None:
+        if not failure.check(UserStoreUnavailable):  # an outage is logged by the database once
+            _log.failure("pop3d: cannot record the relay grant for {ip}", failure, ip=self._client_ip)
 
     def _release_lock(self) -> None:
         if self._lock_key is not None:
@@ -731,7 +738,7 @@ class POP3Factory(ServerFactory):
     ``tls_options`` at each STLS, so a reload applies without a restart.
     """
 
-    def __init__(self, *, logins: Logins, grants: Grants, settings: Callable[[], "Settings"],
+    def __init__(self, *, logins: Logins, grants: Grants | SQLGrants, settings: Callable[[], "Settings"],
                  tls_options: object | None = None, clock: IReactorTime | None = None,
                  budget: DescriptorBudget | None = None) -> None:
         if clock is None:

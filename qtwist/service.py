@@ -18,7 +18,7 @@ from twisted.python import usage
 
 from qtwist.control import LISTENER_NAMES, ControlWatcher
 from qtwist.descriptors import RESERVE, DescriptorBudget, check_limits, raise_soft_limit, with_backlog
-from qtwist.grants import Grants, GrantsCleaner
+from qtwist.grants import Grants, GrantsCleaner, SQLGrants, database_down
 from qtwist.hooks import Hooks, PluginContext, installed_plugins
 from qtwist.limits import Admission
 from qtwist.lspawn import LocalSpawn
@@ -31,7 +31,10 @@ from qtwist.send import Scheduler
 from qtwist.smtpd import SMTPFactory
 from qtwist.login import FailureThrottle, Logins, mail_portal
 from qtwist.tls import ImplicitTLSFactory, ServerTLS, make_self_signed
-from qtwist.users import UserDB
+from qtwist.periodic import Periodic
+from qtwist.sqldb import UserDBError
+from qtwist.sqlusers import SQLUserStore
+from qtwist.users import IUserStore, open_store
 
 log = Logger(namespace="qtwist.service")
 
@@ -106,6 +109,33 @@ def listener_endpoints(cli: dict[str, list[str]], configured: tuple[tuple[str, s
 GIL_SWITCH_INTERVAL = 0.0005
 
 
+def user_store(home: Path, reactor, control: ControlWatcher,
+               top: MultiService) -> tuple[IUserStore, Grants | SQLGrants]:
+    """The users and relay grants control/userdb names: the vpasswd files and
+    open-smtp/, or vpopmail's database (its own threads, and each node's copy
+    of the relay table kept fresh)."""
+    try:
+        users = open_store(home)
+    except UserDBError as error:
+        raise SystemExit(f"qtwist: {error}") from None
+    if not isinstance(users, SQLUserStore):
+        return users, Grants(home)
+    database = users.database
+    database.start(reactor)
+    grants = SQLGrants(database, reactor)
+    Periodic("grants: reading the relay table", lambda: grants.refresh(control.settings.relaygrantlifetime),
+             SQLGrants.REFRESH, reactor, now=True).setServiceParent(top)
+    checked = database.defer(users.check)
+    checked.addCallback(_checked, database)
+    checked.addErrback(database_down)  # the database said why in its own line
+    return users, grants
+
+
+def _checked(found: tuple[bool, str], database) -> None:
+    usable, line = found
+    (log.info if usable else log.warn)("userdb: {db}: {line}", db=str(database.address), line=line)
+
+
 def makeService(options: Options) -> MultiService:
     from twisted.internet import reactor
 
@@ -118,8 +148,7 @@ def makeService(options: Options) -> MultiService:
     threads = reactor.getThreadPool().max
     budget = DescriptorBudget(soft, lambda: RESERVE + control.settings.concurrencyremote + threads, reactor)
     check_limits(budget, control.settings.concurrencyincoming, control.settings.pop3concurrencyincoming, hard)
-    users = UserDB(home)
-    grants = Grants(home)
+    users, grants = user_store(home, reactor, control, top)
     GrantsCleaner(grants, lambda: control.settings).setServiceParent(top)
     queue = Queue(home, reactor)
     if not queue.free():
@@ -145,7 +174,7 @@ def makeService(options: Options) -> MultiService:
     throttle = FailureThrottle(reactor, lambda: (control.settings.authfaillimit,
                                                  control.settings.authfailwindow,
                                                  control.settings.authfailblock))
-    smtp_logins = Logins("smtpd", mail_portal(users, "smtp"), throttle, reactor)
+    smtp_logins = Logins("smtpd", mail_portal(users, "smtp"), throttle, reactor, users)
 
     smtp_admission = Admission()  # concurrencyincoming counts every SMTP listener together
 
@@ -153,10 +182,11 @@ def makeService(options: Options) -> MultiService:
         return SMTPFactory(settings=lambda: control.settings, rules=lambda: control.rules, queue=queue,
                            queued=scheduler.submit, clock=reactor, grants=grants, submission=submission,
                            tls=server_tls, logins=smtp_logins, hooks=hooks,
-                           plugin_context=plugin_context, admission=smtp_admission, budget=budget)
+                           plugin_context=plugin_context, admission=smtp_admission, budget=budget,
+                           users=users)
 
     submission = smtp_factory(submission=True)
-    pop3 = POP3Factory(logins=Logins("pop3d", mail_portal(users, "pop3"), throttle, reactor), grants=grants,
+    pop3 = POP3Factory(logins=Logins("pop3d", mail_portal(users, "pop3"), throttle, reactor, users), grants=grants,
                        settings=lambda: control.settings, tls_options=server_tls, clock=reactor, budget=budget)
     factories = {"smtp": smtp_factory(submission=False), "submission": submission, "pop3": pop3,
                  # Port 465 is submission with TLS from the first byte (RFC 8314).

@@ -29,8 +29,9 @@ from qtwist.limits import Admission, smtp_limits
 from qtwist.login import Logins, Refusal, client_address
 from qtwist.numbers import decimal
 from qtwist.pipelining import PipeliningServer, write_now
-from qtwist.policy import ClientInfo, bad_mail_from, bad_rcpt_to, rcpt_allowed, with_default_host
+from qtwist.policy import ClientInfo, bad_mail_from, bad_rcpt_to, channel_for, rcpt_allowed, with_default_host
 from qtwist.tls import can_upgrade, cipher_of, is_encrypted
+from qtwist.users import IUserStore
 
 log = Logger(namespace="qtwist.smtpd")
 
@@ -43,6 +44,7 @@ REPLY_SIZE = b"552 sorry, that message size exceeds my databytes limit (#5.3.4)\
 REPLY_RCPTHOSTS = b"553 sorry, that domain isn't in my list of allowed rcpthosts (#5.7.1)\r\n"
 REPLY_BADMAILFROM = b"553 sorry, your envelope sender is in my badmailfrom list (#5.7.1)\r\n"
 REPLY_BADRCPTTO = b"553 sorry, your envelope recipient is in my badrcptto list (#5.7.1)\r\n"
+REPLY_USERS_DOWN = b"451 sorry, the user database is unavailable, try again later (#4.3.0)\r\n"
 REPLY_BARE_LF = b"451 See http://pobox.com/~djb/docs/smtplf.html.\r\n"
 REPLY_LOOPING = b"554 too many hops, this message is looping (#5.4.6)\r\n"
 REPLY_QUEUE_ERROR = b"451 qq write error or disk full (#4.3.0)\r\n"
@@ -403,6 +405,10 @@ class SMTPServer(PipeliningServer):
             self.out.append(b"452 too many recipients (#4.5.3)\r\n")
             return
         address = with_default_host(address, self.settings)
+        if self.factory.users_down() and channel_for(address, self.settings) == "local":
+            # Whether the mailbox exists cannot be known: neither a 550 nor a 250 that may bounce.
+            self.out.append(REPLY_USERS_DOWN)
+            return
 
         def accepted() -> None:
             self.recipients.append(address)
@@ -615,10 +621,13 @@ class SMTPFactory(Factory):
     def __init__(self, *, settings: Callable[[], Settings], rules, queue, queued: Callable,
                  clock, grants=None, submission: bool = False, tls=None, logins: Logins | None = None,
                  hooks: Hooks | None = None, plugin_context: PluginContext | None = None,
-                 admission: Admission | None = None, budget: DescriptorBudget | None = None):
+                 admission: Admission | None = None, budget: DescriptorBudget | None = None,
+                 users: IUserStore | None = None):
         """``admission`` counts the sessions against the connection limits; the
         SMTP listeners (smtp, submission, smtps) share one.  ``budget`` counts
-        every connection against the process's descriptors."""
+        every connection against the process's descriptors.  ``users`` is asked
+        whether the user store is down (RCPT to a local address then waits)."""
+        self.users = users
         self.admission = admission if admission is not None else Admission()
         self.budget = budget
         self.hooks = hooks
@@ -632,6 +641,9 @@ class SMTPFactory(Factory):
         self.queued = queued
         self.clock = clock
         self.grants = grants
+
+    def users_down(self) -> bool:
+        return self.users is not None and self.users.unavailable
 
     def has_grant(self, ip: str, settings: Settings) -> bool:
         return self.grants is not None and self.grants.is_live(ip, settings.relaygrantlifetime)

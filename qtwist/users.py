@@ -21,9 +21,11 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 import bcrypt
-from passlib.hash import md5_crypt, sha256_crypt, sha512_crypt
+from passlib.hash import des_crypt, md5_crypt, sha256_crypt, sha512_crypt
 from passlib.utils.binary import bcrypt64, h64, h64big
-from zope.interface import Interface, implementer
+from twisted.internet.defer import Deferred
+from twisted.internet.threads import deferToThread
+from zope.interface import Attribute, Interface, implementer
 
 from qtwist.fsutil import StatCache, fsync_directory, replace_file
 from qtwist.numbers import decimal
@@ -71,17 +73,24 @@ _MAILDIRPP_RE = re.compile(r"[0-9]{1,18}[SC](,[0-9]{1,18}[SC])*")
 _PLAIN_QUOTA_RE = re.compile(r"([0-9]{1,18})([kKmM]?)")
 
 _CRYPT_HANDLERS = {"$1$": md5_crypt, "$5$": sha256_crypt, "$6$": sha512_crypt}
+# Traditional DES crypt (old vpopmail tables): two salt and eleven hash characters.
+_DES_RE = re.compile(r"[./0-9A-Za-z]{13}")
 # passlib builds its tables and picks its backends on first use, and not
 # thread-safely: the first logins checked at once in the thread pool could
 # fail.  Build them now, on the importing thread.
 for _engine in (h64, h64big, bcrypt64):
     _engine.encode_bytes(b"")
-for _handler in _CRYPT_HANDLERS.values():
+for _handler in (*_CRYPT_HANDLERS.values(), des_crypt):
     _handler.get_backend()
 _BCRYPT_PREFIXES = ("$2a$", "$2b$", "$2y$")
 # bcrypt looks at 72 bytes only; crypt_blowfish (which wrote such vpasswd
 # hashes) silently cut longer passwords there, the bcrypt package refuses them.
 _BCRYPT_MAX_BYTES = 72
+
+
+class UserStoreUnavailable(Exception):
+    """The user store cannot answer now (its database is down or slow): a
+    temporary failure, never a "no"."""
 
 
 class UsersError(Exception):
@@ -156,6 +165,8 @@ def verify_password(password: str, stored: str) -> bool:
         if stored.startswith(_BCRYPT_PREFIXES):
             secret = password.encode("utf-8")[:_BCRYPT_MAX_BYTES]
             return bcrypt.checkpw(secret, stored.encode("ascii"))
+        if _DES_RE.fullmatch(stored):
+            return des_crypt.verify(password, stored)
         handler = _CRYPT_HANDLERS.get(stored[:3])
         return handler is not None and handler.verify(password, stored)
     except (ValueError, TypeError):
@@ -265,12 +276,17 @@ def _lines_text(lines: list[str]) -> str:
 
 
 class IUserStore(Interface):
-    """Where users live: the vpasswd files (UserDB) or, next, vpopmail's SQL tables.
+    """Where users live: the vpasswd files (UserDB) or vpopmail's SQL tables
+    (sqlusers.SQLUserStore), chosen by control/userdb (``open_store``).
 
     Logins (login.py), local delivery and chkuser read users only through
-    this.  Every method may block (on the disk, or on a database): callers
-    run them in worker threads, never on the reactor thread.
+    this.  Every method but ``defer`` may block (on the disk, or on a
+    database): the server runs them through ``defer``, never on the reactor
+    thread.  A store that cannot answer raises ``UserStoreUnavailable``,
+    which callers turn into a temporary failure, never into "no such user".
     """
+
+    unavailable = Attribute("True while the store is known to be unreachable (nothing may be assumed)")
 
     def lookup(address: str) -> User | None:
         """The user for ``user@domain`` (any case), or None."""
@@ -278,6 +294,133 @@ class IUserStore(Interface):
     def authenticate(address: str, password: str) -> User | None:
         """The user when ``password`` is right; None for a wrong password or an
         unknown user, taking as long either way."""
+
+    def aliases(local: str, domain: str) -> list[str] | None:
+        """The dot-qmail lines of an alias the store keeps (vpopmail's valias), or None."""
+
+    def logged_in(user: User, ip: str) -> Deferred | None:
+        """Note a successful login (vpopmail's lastauth) where the store keeps
+        one; called on the reactor thread, so it must not block."""
+
+    def defer(function: Callable, *args) -> Deferred:
+        """``function(*args)``, a blocking use of this store, off the reactor
+        thread, in the threads this store may hold up."""
+
+
+class DomainFolders:
+    """The virtual domains of a home: a folder each under HOME/domains, and
+    their rcpthosts lines.  The domain list stays in the files whatever store
+    holds the users, as vpopmail keeps it in qmail's control files."""
+
+    def __init__(self, home: Path) -> None:
+        self.home = Path(os.path.abspath(home))
+        self.root = self.home / "domains"
+
+    def path(self, domain: str) -> Path:
+        return self.root / domain
+
+    def domains(self) -> list[str]:
+        """Every local virtual domain: each folder of HOME/domains."""
+        try:
+            entries = list(os.scandir(self.root))
+        except FileNotFoundError:
+            return []
+        return sorted(entry.name for entry in entries
+                      if entry.is_dir() and _valid_domain(entry.name))
+
+    def require_home(self) -> None:
+        if not self.home.is_dir():
+            raise UsersError(f"the home directory {self.home} does not exist")
+
+    def existing(self, domain: str) -> str:
+        """``domain``, normalised, when it exists; else UsersError."""
+        domain = _check_domain(domain)
+        self.require_home()
+        if not self.path(domain).is_dir():
+            raise UsersError(f"the domain {domain} does not exist")
+        return domain
+
+    def _rcpthosts_edit(self, change: Callable[[list[str]], list[str] | None]) -> None:
+        """Apply ``change`` to control/rcpthosts' lines; None means leave the file alone."""
+        control = self.home / "control"
+        control.mkdir(exist_ok=True)
+        path = control / "rcpthosts"
+        lines = _read_lines(path)
+        new_lines = change(lines)
+        if new_lines is not None:
+            mode = path.stat().st_mode & 0o7777 if path.exists() else 0o644
+            _replace_file(path, _lines_text(new_lines), mode)
+
+    def add(self, domain: str, made: Callable[[str, Path], None]) -> None:
+        """Make ``domain``'s folder, let ``made`` set up the store's part, then list
+        the domain in rcpthosts, as vadddomain does."""
+        domain = _check_domain(domain)
+        self.require_home()
+        self.root.mkdir(exist_ok=True)
+        with _locked(self.root / ".lock"):
+            domain_dir = self.path(domain)
+            try:
+                domain_dir.mkdir(mode=0o750)
+            except FileExistsError:
+                raise UsersError(f"the domain {domain} already exists") from None
+            try:
+                made(domain, domain_dir)
+            except BaseException:
+                shutil.rmtree(domain_dir, ignore_errors=True)
+                raise
+            fsync_directory(self.root)
+
+            def add(lines: list[str]) -> list[str] | None:
+                listed = {line.strip().lower() for line in lines}
+                return None if domain in listed else lines + [domain]
+            self._rcpthosts_edit(add)
+
+    def delete(self, domain: str, dropping: Callable[[str], None]) -> None:
+        """Forget ``domain``: ``dropping`` removes the store's part first, then its
+        rcpthosts line and its folder with every mailbox go."""
+        domain = self.existing(domain)
+        with _locked(self.root / ".lock"):
+            dropping(domain)
+
+            def remove(lines: list[str]) -> list[str] | None:
+                kept = [line for line in lines if line.strip().lower() != domain]
+                return None if len(kept) == len(lines) else kept
+            self._rcpthosts_edit(remove)
+            shutil.rmtree(self.path(domain))
+            fsync_directory(self.root)
+
+    def make_mailbox(self, user_dir: Path, address: str) -> None:
+        """DIR/Maildir/{cur,new,tmp} for a new user, as vadduser makes them."""
+        try:
+            user_dir.mkdir(mode=0o700)
+        except FileExistsError:
+            raise UsersError(f"the directory {user_dir} already exists; "
+                             f"move it away before adding {address}") from None
+        for sub in ("", "/cur", "/new", "/tmp"):
+            os.mkdir(f"{user_dir}/Maildir{sub}", 0o700)
+        fsync_directory(user_dir.parent)
+
+    def remove_mailbox(self, user: User) -> None:
+        """The folder of a deleted user, only when it lies inside its domain's
+        folder: a dir that points elsewhere (an imported vpopmail path) is left
+        for the admin."""
+        domain_dir = self.path(user.domain)
+        user_dir = Path(os.path.abspath(user.dir))
+        if user_dir.parent == domain_dir and user_dir.is_dir():
+            shutil.rmtree(user_dir)
+            fsync_directory(domain_dir)
+
+
+def new_user(name: str, domain: str, user_dir: Path, password: str, quota: int | None,
+             cleartext: bool) -> User:
+    """The entry vadduser makes: uid 1 (POP), no flags, the name as gecos."""
+    _check_user(name)
+    _check_password(password)
+    if quota is not None and quota < 1:
+        raise UsersError("the quota must be a positive number of bytes")
+    return User(name=name, domain=domain, hash=hash_password(password), uid=_VADDUSER_UID,
+                gid=_VADDUSER_GID, gecos=name, dir=user_dir,
+                quota="NOQUOTA" if quota is None else f"{quota}S", cleartext=password if cleartext else "")
 
 
 @implementer(IUserStore)
@@ -289,14 +432,17 @@ class UserDB:
     two ``qtwist user`` runs at once never lose a line.
     """
 
+    unavailable = False  # files do not go away for a while and come back
+
     def __init__(self, home: Path) -> None:
-        self.home = Path(os.path.abspath(home))
+        self.folders = DomainFolders(home)
+        self.home = self.folders.home
         self._tables: StatCache[dict[str, User]] = StatCache(self._read_table)
 
     # -- reading ---------------------------------------------------------------
 
     def _domain_dir(self, domain: str) -> Path:
-        return self.home / "domains" / domain
+        return self.folders.path(domain)
 
     def _table(self, domain: str) -> dict[str, User] | None:
         """The domain's users by lower-case name, re-read when the file changed."""
@@ -327,82 +473,35 @@ class UserDB:
         reveal which addresses exist.  Flags (``may_pop``...) are the caller's
         to check.
         """
-        user = self.lookup(address)
-        if user is None:
-            verify_password(password, _decoy_hash())
-            return None
-        return user if verify_password(password, user.hash) else None
+        return checked_password(self.lookup(address), password)
+
+    def aliases(self, local: str, domain: str) -> list[str] | None:
+        return None  # vpasswd homes keep aliases as dot-qmail files
+
+    def logged_in(self, user: User, ip: str) -> None:
+        return None  # a vpasswd home keeps no record of logins
+
+    def defer(self, function: Callable, *args) -> Deferred:
+        return deferToThread(function, *args)
 
     def domains(self) -> list[str]:
-        """Every local virtual domain: each folder of HOME/domains."""
-        try:
-            entries = list(os.scandir(self.home / "domains"))
-        except FileNotFoundError:
-            return []
-        return sorted(entry.name for entry in entries
-                      if entry.is_dir() and _valid_domain(entry.name))
+        return self.folders.domains()
 
     def users(self, domain: str) -> list[User]:
-        domain = self._existing_domain(domain)
+        domain = self.folders.existing(domain)
         table = self._table(domain) or {}
         return sorted(table.values(), key=lambda user: user.name)
 
     # -- editing ---------------------------------------------------------------
 
-    def _require_home(self) -> None:
-        if not self.home.is_dir():
-            raise UsersError(f"the home directory {self.home} does not exist")
-
-    def _existing_domain(self, domain: str) -> str:
-        domain = _check_domain(domain)
-        self._require_home()
-        if not self._domain_dir(domain).is_dir():
-            raise UsersError(f"the domain {domain} does not exist")
-        return domain
-
-    def _rcpthosts_edit(self, change: Callable[[list[str]], list[str] | None]) -> None:
-        """Apply ``change`` to control/rcpthosts' lines; None means leave the file alone."""
-        control = self.home / "control"
-        control.mkdir(exist_ok=True)
-        path = control / "rcpthosts"
-        lines = _read_lines(path)
-        new_lines = change(lines)
-        if new_lines is not None:
-            mode = path.stat().st_mode & 0o7777 if path.exists() else 0o644
-            _replace_file(path, _lines_text(new_lines), mode)
-
     def add_domain(self, domain: str) -> None:
-        """Make ``domain`` local and list it in rcpthosts, as vadddomain does."""
-        domain = _check_domain(domain)
-        self._require_home()
-        domains_dir = self.home / "domains"
-        domains_dir.mkdir(exist_ok=True)
-        with _locked(domains_dir / ".lock"):
-            domain_dir = self._domain_dir(domain)
-            try:
-                domain_dir.mkdir(mode=0o750)
-            except FileExistsError:
-                raise UsersError(f"the domain {domain} already exists") from None
-            _replace_file(domain_dir / "vpasswd", "", 0o600)
-            fsync_directory(domains_dir)
-
-            def add(lines: list[str]) -> list[str] | None:
-                listed = {line.strip().lower() for line in lines}
-                return None if domain in listed else lines + [domain]
-            self._rcpthosts_edit(add)
+        """Make ``domain`` local (an empty vpasswd) and list it in rcpthosts, as vadddomain does."""
+        self.folders.add(domain, lambda name, path: _replace_file(path / "vpasswd", "", 0o600))
 
     def delete_domain(self, domain: str) -> None:
         """Forget ``domain``: its rcpthosts line, users and mailboxes."""
-        domain = self._existing_domain(domain)
-        domains_dir = self.home / "domains"
-        with _locked(domains_dir / ".lock"):
-            def remove(lines: list[str]) -> list[str] | None:
-                kept = [line for line in lines if line.strip().lower() != domain]
-                return None if len(kept) == len(lines) else kept
-            self._rcpthosts_edit(remove)
-            shutil.rmtree(self._domain_dir(domain))
-            fsync_directory(domains_dir)
-        self._tables.forget(self._domain_dir(domain) / "vpasswd")
+        self.folders.delete(domain, lambda name: None)
+        self._tables.forget(self._domain_dir(_check_domain(domain)) / "vpasswd")
 
     def _edit_vpasswd(self, domain: str, change: Callable[[list[str]], list[str]]) -> None:
         """Rewrite the domain's vpasswd under its lock with ``change`` applied to its lines."""
@@ -421,43 +520,51 @@ class UserDB:
         """
         name, domain = _split_address(address)
         _check_user(name)
-        domain = self._existing_domain(domain)
-        _check_password(password)
-        if quota is not None and quota < 1:
-            raise UsersError("the quota must be a positive number of bytes")
-        quota_field = "NOQUOTA" if quota is None else f"{quota}S"
-        user_dir = self._domain_dir(domain) / name
-        hashed = hash_password(password)
-        line = _format_line(name, hashed, _VADDUSER_UID, _VADDUSER_GID, name, str(user_dir),
-                            quota_field, password if cleartext else "")
+        domain = self.folders.existing(domain)
+        user = new_user(name, domain, self._domain_dir(domain) / name, password, quota, cleartext)
+        self.add(user)
 
+    def add(self, user: User) -> None:
+        """Store ``user`` as a new vpasswd line with a new Maildir."""
+        self._put(user, replace=False)
+
+    def store(self, user: User) -> str:
+        """Add ``user``, or make its line say what ``user`` says: "added",
+        "updated" or "unchanged" (``qtwist userdb import``)."""
+        return self._put(user, replace=True)
+
+    def _put(self, user: User, replace: bool) -> str:
+        """A new user gets a new mailbox (a folder already there is refused, as
+        vadduser does); ``replace`` (copying users over) keeps the one it finds."""
+        line = _format_line(user.name, user.hash, user.uid, user.gid, user.gecos, str(user.dir),
+                            user.quota, user.cleartext)
         created = False
+        done = "added"
 
         def insert(lines: list[str]) -> list[str]:
-            nonlocal created
-            if any(_line_name(old) == name for old in lines):
-                raise UsersError(f"the user {name}@{domain} already exists")
-            try:
-                user_dir.mkdir(mode=0o700)
-            except FileExistsError:
-                raise UsersError(f"the directory {user_dir} already exists; "
-                                 f"move it away before adding {name}@{domain}") from None
-            created = True
-            for sub in ("", "/cur", "/new", "/tmp"):
-                os.mkdir(f"{user_dir}/Maildir{sub}", 0o700)
-            fsync_directory(user_dir.parent)
+            nonlocal created, done
+            for index, old in enumerate(lines):
+                if _line_name(old) == user.name:
+                    if not replace:
+                        raise UsersError(f"the user {user.address} already exists")
+                    done = "unchanged" if old == line else "updated"
+                    return lines[:index] + [line] + lines[index + 1:]
+            if not (replace and user.dir.exists()):
+                self.folders.make_mailbox(user.dir, user.address)
+                created = True
             # vadduser keeps the file sorted: the new line goes before the first greater name.
-            at = next((index for index, old in enumerate(lines) if name < _line_name(old)),
+            at = next((index for index, old in enumerate(lines) if user.name < _line_name(old)),
                       len(lines))
             return lines[:at] + [line] + lines[at:]
 
         try:
-            self._edit_vpasswd(domain, insert)
+            self._edit_vpasswd(user.domain, insert)
         except BaseException:
             # Leave no mailbox without a vpasswd line, but never one that was there before.
-            if created and self.lookup(f"{name}@{domain}") is None:
-                shutil.rmtree(user_dir, ignore_errors=True)
+            if created and self.lookup(user.address) is None:
+                shutil.rmtree(user.dir, ignore_errors=True)
             raise
+        return done
 
     def _find_line(self, lines: list[str], name: str, domain: str) -> int:
         for index, line in enumerate(lines):
@@ -466,13 +573,9 @@ class UserDB:
         raise UsersError(f"the user {name}@{domain} does not exist")
 
     def delete_user(self, address: str) -> None:
-        """Remove the vpasswd line and the mailbox folder.
-
-        Only a folder inside the domain's folder is deleted: a dir field that
-        points elsewhere (an imported vpopmail path) is left for the admin.
-        """
+        """Remove the vpasswd line and the mailbox folder (``DomainFolders.remove_mailbox``)."""
         name, domain = _split_address(address)
-        domain = self._existing_domain(domain)
+        domain = self.folders.existing(domain)
         domain_dir = self._domain_dir(domain)
         removed: list[User] = []
 
@@ -485,10 +588,7 @@ class UserDB:
 
         self._edit_vpasswd(domain, remove)
         for user in removed:
-            user_dir = Path(os.path.abspath(user.dir))
-            if user_dir.parent == domain_dir and user_dir.is_dir():
-                shutil.rmtree(user_dir)
-                fsync_directory(domain_dir)
+            self.folders.remove_mailbox(user)
 
     def set_password(self, address: str, password: str, cleartext: bool | None = None) -> None:
         """Give the user a new password.
@@ -497,7 +597,7 @@ class UserDB:
         before; True stores it; False blanks it.
         """
         name, domain = _split_address(address)
-        domain = self._existing_domain(domain)
+        domain = self.folders.existing(domain)
         _check_password(password)
         hashed = hash_password(password)
 
@@ -511,3 +611,28 @@ class UserDB:
             return lines[:index] + [":".join(fields)] + lines[index + 1:]
 
         self._edit_vpasswd(domain, change)
+
+
+def checked_password(user: User | None, password: str) -> User | None:
+    """``user`` when ``password`` is its password; an unknown user (None)
+    costs the same hashing time, so timing does not tell who exists."""
+    if user is None:
+        verify_password(password, _decoy_hash())
+        return None
+    return user if verify_password(password, user.hash) else None
+
+
+def open_store(home: Path) -> IUserStore:
+    """The user store control/userdb names: the vpasswd files unless it names
+    a database.  Raises UserDBError (one line) for a file that cannot be used."""
+    from qtwist.sqldb import Database, parse_userdb
+
+    try:
+        text = (Path(home) / "control" / "userdb").read_text("utf-8", "replace")
+    except FileNotFoundError:
+        text = ""
+    address = parse_userdb(text)
+    if address is None:
+        return UserDB(home)
+    from qtwist.sqlusers import SQLUserStore
+    return SQLUserStore(home, Database(address))

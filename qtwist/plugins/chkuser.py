@@ -10,14 +10,16 @@ never refused for their sender.
 from __future__ import annotations
 
 from twisted.internet.defer import Deferred
-from twisted.internet.threads import deferToThread
+from twisted.python.failure import Failure
 
-from qtwist.hooks import CONTINUE, Answer, Plugin, Session, reject
+from qtwist.hooks import CONTINUE, Answer, Plugin, Session, defer, reject
 from qtwist.local import mailbox_check
 from qtwist.policy import channel_for, split_address
+from qtwist.users import UserStoreUnavailable
 
 NO_MAILBOX = reject("5.1.1 sorry, no mailbox here by that name (chkuser)", 550)
 MAILBOX_FULL = reject("5.2.2 sorry, mailbox full (chkuser)", 552)
+STORE_DOWN = defer("4.3.0 sorry, the user database is unavailable, try again later (chkuser)")
 NO_SENDER_DOMAIN = reject("5.1.8 sorry, can't find a valid MX for sender domain (chkuser)", 550)
 
 
@@ -42,5 +44,12 @@ class ChkUser(Plugin):
         if channel_for(recipient, session.settings) != "local":
             return CONTINUE
         context = session.context
-        checked = deferToThread(mailbox_check, context.home, session.settings, context.users, recipient)
-        return checked.addCallback(lambda status: {"unknown": NO_MAILBOX, "full": MAILBOX_FULL}.get(status, CONTINUE))
+        checked = context.users.defer(mailbox_check, context.home, session.settings, context.users, recipient)
+        checked.addCallback(lambda status: {"unknown": NO_MAILBOX, "full": MAILBOX_FULL}.get(status, CONTINUE))
+        return checked.addErrback(_store_down)
+
+
+def _store_down(failure: Failure) -> Answer:
+    """The user database cannot say: try again later, never "no such user"."""
+    failure.trap(UserStoreUnavailable)
+    return STORE_DOWN

@@ -22,6 +22,7 @@ from pathlib import Path
 import pytest
 import trustme
 
+from tests.support.pop3client import SourcedPOP3
 from tests.support.home import DOMAIN, Home, PASSWORD, make_home, set_flags
 from tests.support.server import Server
 from tests.support.waiting import DEADLINE, wait_until
@@ -32,17 +33,6 @@ ALICE = f"alice@{DOMAIN}"
 OUTSIDE = "friend@outside.test"
 REMOTE = "someone@remote.test"
 LOOPBACK = "127.0.0.1"
-
-
-class SourcedPOP3(poplib.POP3):
-    """poplib.POP3 from a chosen loopback address (grants and throttling are per client IP)."""
-
-    def __init__(self, port: int, source: str) -> None:
-        self._source = source
-        super().__init__(LOOPBACK, port, timeout=DEADLINE)
-
-    def _create_socket(self, timeout: float) -> socket.socket:
-        return socket.create_connection((self.host, self.port), timeout, source_address=(self._source, 0))
 
 
 class MailServer(Server):

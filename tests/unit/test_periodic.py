@@ -141,7 +141,7 @@ class ThreadedJobTests(TestCase):
             await wait_for(lambda: grants.expire.calls == 1 and cleaner.failing, "the first run to fail")
             clock.advance(300)
             await wait_for(lambda: not stale.exists(), "the second run to remove the grant")
-        self.assertIn("grants: removing expired open-smtp/ grants failed; it runs again every 300 s",
+        self.assertIn("grants: removing expired relay grants failed; it runs again every 300 s",
                       texts(events))
         self.assertEqual(len(self.flushLoggedErrors(PermissionError)), 1)
 

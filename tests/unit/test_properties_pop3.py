@@ -25,7 +25,7 @@ from twisted.internet.defer import maybeDeferred
 from twisted.internet.task import Clock
 from twisted.logger import capturedLogs, formatEvent
 
-from qtwist import login as login_module
+from qtwist import users as users_module
 from qtwist import pop3d
 from qtwist.login import FailureThrottle, Logins, mail_portal
 from qtwist.pop3d import (
@@ -163,7 +163,7 @@ def inline_threads():
     def inline(function, *args):
         return maybeDeferred(function, *args)
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(login_module, "deferToThread", inline)
+        patch.setattr(users_module, "deferToThread", inline)
         patch.setattr(pop3d, "deferToThread", inline)
         yield
 

@@ -26,7 +26,7 @@ from twisted.internet.defer import maybeDeferred, succeed
 from twisted.internet.task import Clock
 from twisted.logger import capturedLogs, formatEvent
 
-from qtwist import login as login_module
+from qtwist import users as users_module
 from qtwist.login import FailureThrottle, Logins, mail_portal
 from qtwist.policy import with_default_host
 from qtwist.smtpd import (
@@ -230,9 +230,9 @@ def home(tmp_path_factory) -> MemoryHome:
 
 @pytest.fixture(scope="module", autouse=True)
 def inline_threads():
-    """The login flow's worker threads run inline: an example cannot wait for the reactor."""
+    """The user store's worker threads run inline: an example cannot wait for the reactor."""
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(login_module, "deferToThread", lambda function, *args: maybeDeferred(function, *args))
+        patch.setattr(users_module, "deferToThread", lambda function, *args: maybeDeferred(function, *args))
         yield
 
 
