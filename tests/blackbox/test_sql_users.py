@@ -143,51 +143,61 @@ def test_a_change_shows_within_a_second_misses_included(tmp_path: Path, database
     assert time.monotonic() - started <= 1.5
 
 
-def test_an_outage_is_a_temporary_failure_logged_once_and_healed(tmp_path: Path, database: ScratchDatabase,
-                                                                 logged: list[str]):
+class FakeClock:
+    """The store's and the database's clock, moved by the test (no sleeping)."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def behind_proxy(tmp_path: Path, database: ScratchDatabase) -> Iterator[tuple[SQLUserStore, Proxy, FakeClock]]:
+    """A store with joe (password "secret"), reaching its database through a
+    proxy the test can cut, on a clock the test moves."""
     database.execute(user_table(database.kind, "5.6"))
     insert_user(database, "joe", md5_crypt.hash("secret"))
     proxy = Proxy(database.port)
+    database.port = proxy.port
+    clock = FakeClock()
+    store = SQLUserStore(tmp_path, Database(parse_userdb(database.url), clock=clock), clock=clock)
     try:
-        database.port = proxy.port
-        store = store_for(tmp_path, database)
-        assert store.authenticate(f"joe@{DOMAIN}", "secret") is not None
-
-        proxy.cut()  # the connection breaks and no new one is possible
-        time.sleep(1.1)  # past the one-second cache: the next answer must come from the database
-        with pytest.raises(UserStoreUnavailable):
-            store.authenticate(f"joe@{DOMAIN}", "secret")
-        with pytest.raises(UserStoreUnavailable):
-            store.lookup(f"other@{DOMAIN}")  # at once: no new attempt within RETRY
-        assert store.unavailable
-        assert sum("cannot be reached" in line for line in logged) == 1
-
-        proxy.restore()
-        time.sleep(RETRY)
-        assert store.authenticate(f"joe@{DOMAIN}", "secret") is not None
-        assert sum("reachable again" in line for line in logged) == 1
-        assert not store.unavailable
+        yield store, proxy, clock
     finally:
         proxy.close()
 
 
-def test_a_connection_broken_while_idle_is_replaced_silently(tmp_path: Path, database: ScratchDatabase,
-                                                            logged: list[str]):
+def test_an_outage_is_a_temporary_failure_logged_once_and_healed(behind_proxy, logged: list[str]):
+    store, proxy, clock = behind_proxy
+    assert store.authenticate(f"joe@{DOMAIN}", "secret") is not None
+
+    proxy.cut()  # the connection breaks and no new one is possible
+    clock.now += 1.5  # past the one-second cache: the next answer must come from the database
+    with pytest.raises(UserStoreUnavailable):
+        store.authenticate(f"joe@{DOMAIN}", "secret")
+    with pytest.raises(UserStoreUnavailable):
+        store.lookup(f"other@{DOMAIN}")  # at once: no new attempt within RETRY
+    assert store.unavailable
+    assert sum("cannot be reached" in line for line in logged) == 1
+
+    proxy.restore()
+    clock.now += RETRY
+    assert store.authenticate(f"joe@{DOMAIN}", "secret") is not None
+    assert sum("reachable again" in line for line in logged) == 1
+    assert not store.unavailable
+
+
+def test_a_connection_broken_while_idle_is_replaced_silently(behind_proxy, logged: list[str]):
     """A database restart between two look-ups is not an outage."""
-    database.execute(user_table(database.kind, "5.6"))
-    insert_user(database, "joe", md5_crypt.hash("secret"))
-    proxy = Proxy(database.port)
-    try:
-        database.port = proxy.port
-        store = store_for(tmp_path, database)
-        assert store.lookup(f"joe@{DOMAIN}") is not None
-        proxy.cut()
-        proxy.restore()
-        time.sleep(1.1)
-        assert store.lookup(f"joe@{DOMAIN}") is not None
-        assert not any("cannot be reached" in line for line in logged)
-    finally:
-        proxy.close()
+    store, proxy, clock = behind_proxy
+    assert store.lookup(f"joe@{DOMAIN}") is not None
+    proxy.cut()
+    proxy.restore()
+    clock.now += 1.5
+    assert store.lookup(f"joe@{DOMAIN}") is not None
+    assert not any("cannot be reached" in line for line in logged)
 
 
 @pytest.mark.parametrize("version", ["5.4", "5.6"])

@@ -188,12 +188,14 @@ class Proxy:
                 continue  # an end was closed by cut() meanwhile
             for end in readable:
                 if end is self._listener:
-                    self._accept(state)
+                    self._accept()
                 elif state == "open":
                     self._pass_on(end)
 
-    def _accept(self, state: str) -> None:
+    def _accept(self) -> None:
         client, _ = self._listener.accept()
+        with self._lock:
+            state = self._state  # as it is now, not as it was when select() began
         if state == "cut":
             client.close()
             return
