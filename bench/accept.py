@@ -19,7 +19,7 @@ that lists nobody):
 The user in a database (control/userdb), next to the vpasswd figure of the
 same run; with chkuser, every RCPT asks the user store:
 
-    python bench/accept.py --plugins chkuser --userdb mysql://root@127.0.0.1/qtwist_bench \
+    python bench/accept.py --repeat 3 --plugins chkuser --userdb mysql://root@127.0.0.1/qtwist_bench \
         --userdb postgresql://postgres@127.0.0.1/qtwist_bench
 
 Everything stays on 127.0.0.1; the run is bounded by --max-seconds.

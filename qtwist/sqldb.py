@@ -15,6 +15,8 @@ while idle (the server was restarted) is replaced once, silently.
 
 from __future__ import annotations
 
+import os
+import socket
 import threading
 import time
 import urllib.parse
@@ -117,6 +119,10 @@ class Dialect:
     def connect(self, address: DatabaseAddress) -> Any:
         raise NotImplementedError
 
+    def cut(self, connection: Any) -> None:
+        """Make a query hung on ``connection`` fail now (its driver has no read
+        timeout of its own); None where the driver has one."""
+
     def quote(self, identifier: str) -> str:
         q = self.quote_char
         return q + identifier.replace(q, q + q) + q
@@ -196,6 +202,14 @@ class PostgreSQL(Dialect):
     def is_missing_table(self, error: Exception) -> bool:
         return isinstance(error, self.missing_table_errors)
 
+    def cut(self, connection: Any) -> None:
+        # Shutting the socket down wakes libpq's wait; the query fails as on a lost connection.
+        try:
+            with socket.socket(fileno=os.dup(connection.fileno())) as sock:
+                sock.shutdown(socket.SHUT_RDWR)
+        except (OSError, ValueError):
+            pass  # closed meanwhile: nothing left to wake
+
     def upsert(self, cursor, table: str, keys: dict[str, Any], values: dict[str, Any]) -> None:
         # vpopmail's PostgreSQL tables may lack the primary key ON CONFLICT needs:
         # update, and insert when nothing was there.  Two sessions may both
@@ -244,6 +258,9 @@ class Database:
         self._next_try = 0.0
         self._pool: ThreadPool | None = None
         self._reactor: IReactorTime | None = None
+        # thread -> [deadline, connection]: the queries the watchdog looks after.
+        self._in_flight: dict[int, list] = {}
+        self._watchdog: threading.Thread | None = None
 
     @property
     def down(self) -> bool:
@@ -258,27 +275,47 @@ class Database:
             raise UserStoreUnavailable(f"{self.address} is unreachable")
         for attempt in (1, 2):
             fresh = getattr(self._local, "connection", None) is None
+            started = time.monotonic()
             try:
                 connection = self._connection()
-                with connection.cursor() as cursor:
-                    result = work(cursor, *args)
+                self._watch(connection)
+                try:
+                    with connection.cursor() as cursor:
+                        result = work(cursor, *args)
+                finally:
+                    self._in_flight.pop(threading.get_ident(), None)
             except self.dialect.connection_errors as error:
                 self._drop()
-                if attempt == 1 and not fresh:
-                    continue  # it broke while idle (a restart): one fresh connection is tried at once
+                if attempt == 1 and not fresh and time.monotonic() - started < TIMEOUT:
+                    # It broke while idle (a restart), not by timing out: one fresh connection, at once.
+                    continue
                 self._failed(error)
                 raise UserStoreUnavailable(f"{self.address}: {one_line(error)}") from None
             self._succeeded()
             return result
         raise AssertionError("unreachable")
 
-    def rows(self, query: str, params: tuple = ()) -> list[tuple]:
-        """All rows of one query (a convenience over ``run``)."""
-        return self.run(_fetch_all, query, params)
+    def _watch(self, connection: Any) -> None:
+        """Have a query on ``connection`` cut once it runs past TIMEOUT, so a hung
+        server holds no thread (a delivery, the server's shutdown) for longer."""
+        if type(self.dialect).cut is Dialect.cut:
+            return
+        self._in_flight[threading.get_ident()] = [time.monotonic() + TIMEOUT, connection]
+        if self._watchdog is None:
+            with self._lock:
+                if self._watchdog is None:
+                    self._watchdog = threading.Thread(target=self._watch_queries, name="qtwist-userdb-watchdog",
+                                                      daemon=True)
+                    self._watchdog.start()
 
-    def execute(self, query: str, params: tuple = ()) -> int:
-        """One statement; the number of rows it changed."""
-        return self.run(_execute, query, params)
+    def _watch_queries(self) -> None:
+        while True:
+            time.sleep(TIMEOUT / 10)
+            now = time.monotonic()
+            for entry in list(self._in_flight.values()):
+                if now > entry[0]:
+                    entry[0] = float("inf")  # cut once
+                    self.dialect.cut(entry[1])
 
     def _connection(self) -> Any:
         connection = getattr(self._local, "connection", None)
@@ -320,10 +357,6 @@ class Database:
             log.info("userdb: {db} is reachable again, after {seconds:.0f} s", db=str(self.address),
                      seconds=self._clock() - since)
 
-    def close(self) -> None:
-        """Close this thread's connection (the others close with their threads)."""
-        self._drop()
-
     # -- from the reactor thread ----------------------------------------------------------------
 
     def start(self, reactor) -> None:
@@ -337,8 +370,7 @@ class Database:
         """``function(*args)`` (blocking, using ``run``) in the database's threads.
         It fails with UserStoreUnavailable when the database is down or takes
         longer than TIMEOUT, so a client waits seconds, not minutes."""
-        if self._pool is None or self._reactor is None:
-            raise RuntimeError("Database.start() was not called")
+        assert self._pool is not None and self._reactor is not None, "Database.start() first"
         if self.down and self._clock() < self._next_try:
             return fail(UserStoreUnavailable(f"{self.address} is unreachable"))
         result = deferToThreadPool(self._reactor, self._pool, function, *args)
@@ -348,16 +380,6 @@ class Database:
     def _timed_out(self, result: object, timeout: float) -> object:
         self._failed(TimeoutError(f"no answer within {timeout:.0f} s"))
         raise UserStoreUnavailable(f"{self.address} did not answer within {timeout:.0f} s")
-
-
-def _fetch_all(cursor, query: str, params: tuple) -> list[tuple]:
-    cursor.execute(query, params)
-    return list(cursor.fetchall())
-
-
-def _execute(cursor, query: str, params: tuple) -> int:
-    cursor.execute(query, params)
-    return cursor.rowcount
 
 
 def one_line(error: Exception) -> str:

@@ -12,7 +12,7 @@ from passlib.hash import des_crypt, md5_crypt, sha512_crypt
 from twisted.logger import globalLogPublisher
 
 from qtwist.grants import SQLGrants
-from qtwist.sqldb import RETRY, Database, parse_userdb
+from qtwist.sqldb import RETRY, TIMEOUT, Database, parse_userdb
 from qtwist.sqlusers import SQLUserStore
 from qtwist.users import NO_POP, NO_RELAY, NO_SMTP, UserDB, UsersError, UserStoreUnavailable
 from tests.support.databases import (KINDS, Proxy, ScratchDatabase, aliasdomains_table, fresh_database,
@@ -198,6 +198,23 @@ def test_a_connection_broken_while_idle_is_replaced_silently(behind_proxy, logge
     clock.now += 1.5
     assert store.lookup(f"joe@{DOMAIN}") is not None
     assert not any("cannot be reached" in line for line in logged)
+
+
+def test_a_hung_database_fails_a_query_in_seconds_not_never(behind_proxy, logged: list[str]):
+    """The server accepts and answers nothing: the query ends by the driver's
+    read timeout (MySQL) or the watchdog (PostgreSQL), without a second wait."""
+    store, proxy, clock = behind_proxy
+    assert store.lookup(f"joe@{DOMAIN}") is not None
+    proxy.stall()
+    clock.now += 1.5
+    started = time.monotonic()
+    with pytest.raises(UserStoreUnavailable):
+        store.lookup(f"joe@{DOMAIN}")
+    assert time.monotonic() - started < TIMEOUT + 3
+    assert sum("cannot be reached" in line for line in logged) == 1
+    proxy.restore()
+    clock.now += RETRY
+    assert store.lookup(f"joe@{DOMAIN}") is not None
 
 
 @pytest.mark.parametrize("version", ["5.4", "5.6"])
