@@ -39,6 +39,29 @@ def default_me() -> str:
 
 
 @dataclass(frozen=True)
+class SimRule:
+    """One control/simcontrol line, simscan's: ``KEY:clam=yes,spam=yes,spam_hits=12,attach=.exe:.scr``.
+    KEY is an address, a domain, or empty for the default; an option a line
+    does not set is None (or empty), so the default line or the strictest
+    recipient decides it."""
+
+    key: str
+    clam: bool | None = None
+    spam: bool | None = None
+    spam_hits: float | None = None
+    attach: tuple[str, ...] = ()
+
+    def __str__(self) -> str:
+        options = [f"{name}={'yes' if value else 'no'}" for name, value in (("clam", self.clam), ("spam", self.spam))
+                   if value is not None]
+        if self.spam_hits is not None:
+            options.append(f"spam_hits={self.spam_hits:g}")
+        if self.attach:
+            options.append("attach=" + ":".join(self.attach))
+        return f"{self.key}:{','.join(options)}"
+
+
+@dataclass(frozen=True)
 class Route:
     """One smtproutes entry.  domain '' is the default route and '.x' covers the
     subdomains of x; host '' means "look up the MX as usual"."""
@@ -108,6 +131,12 @@ class Settings:
     servercert: Path | None = None
     listeners: tuple[tuple[str, str], ...] = ()
     userdb: str = "vpasswd"
+    spamdserver: str = "127.0.0.1:783"
+    clamdserver: str = "127.0.0.1:3310"
+    simcontrol: tuple[SimRule, ...] = ()
+    spamsizelimit: int = 524288
+    spamskiprelay: bool = True
+    filterfailopen: bool = False
     local_domains: frozenset[str] = frozenset()
     origins: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}), hash=False)
 
@@ -296,6 +325,39 @@ def _smtproutes(where: str, entries: Entries) -> tuple[tuple[Route, ...], list[s
     return tuple(routes), errors
 
 
+def _simcontrol(where: str, entries: Entries) -> tuple[tuple[SimRule, ...], list[str]]:
+    rules, errors = [], []
+    for number, text in entries:
+        try:
+            rules.append(_sim_rule(text))
+        except ValueError as problem:
+            errors.append(f"{where}:{number}: {problem}")
+    return tuple(rules), errors
+
+
+def _sim_rule(text: str) -> SimRule:
+    key, colon, options = text.partition(":")
+    if not colon:
+        raise ValueError("expected KEY:OPTIONS (an empty KEY for the default line)")
+    values: dict[str, Any] = {}
+    for option in filter(None, (part.strip() for part in options.split(","))):
+        name, _, value = option.partition("=")
+        name, value = name.strip().lower(), value.strip()
+        if name in ("clam", "spam"):
+            if value.lower() not in ("yes", "no"):
+                raise ValueError(f"{name}= takes yes or no, not {value[:20]!r}")
+            values[name] = value.lower() == "yes"
+        elif name == "spam_hits":
+            try:
+                values[name] = float(value)
+            except ValueError:
+                raise ValueError(f"spam_hits= takes a score, not {value[:20]!r}") from None
+        elif name == "attach":
+            values[name] = tuple(ext.strip().lower() for ext in value.split(":") if ext.strip())
+        # simscan's other options (trophie, regex, size...) are simscan's own: ignored here.
+    return SimRule(key.strip().lower(), **values)
+
+
 def _route(text: str) -> Route:
     """``domain:relay[:port]``; relay may be a name, an IP or ``[IP]``, or empty."""
     domain, colon, rest = text.partition(":")
@@ -427,6 +489,18 @@ CONTROLS: tuple[Control, ...] = (
             "1: make a self-signed servercert.pem at start when there is none (for a demo)"),
     Control("listeners", "listeners", _listeners,
             "NAME ENDPOINT lines (smtp tcp:25): the listeners when the command line names none"),
+    Control("spamdserver", "spamdserver", _first_line,
+            "where the spamassassin plugin finds spamd: HOST:PORT or a unix socket's path"),
+    Control("clamdserver", "clamdserver", _first_line,
+            "where the clamav plugin finds clamd: HOST:PORT or a unix socket's path"),
+    Control("simcontrol", "simcontrol", _simcontrol,
+            "simscan's KEY:clam=yes,spam=yes,spam_hits=N,attach=.exe:.scr lines; KEY an address, domain or ''"),
+    Control("spamsizelimit", "spamsizelimit", _number,
+            "messages larger than this (bytes) skip the spam check, as spamc's limit"),
+    Control("spamskiprelay", "spamskiprelay", _flag,
+            "1: authenticated and RELAYCLIENT senders skip the spam check (never the virus scan)"),
+    Control("filterfailopen", "filterfailopen", _flag,
+            "1: accept, with a header saying so, when spamd or clamd fails (default 451)"),
     Control("userdb", "userdb", _userdb,
             "where users live: vpasswd (files), a mysql:// or postgresql:// URL, or a vpopmail.mysql line"),
 )

@@ -40,6 +40,9 @@ class Answer:
     code: int = 0
     text: str = ""
     headers: tuple[str, ...] = ()
+    # Header fields (lower-case names) of the message that must go before the
+    # added ones go on top: what a sender forged under a scanner's names.
+    removed: tuple[str, ...] = ()
 
     @property
     def reply(self) -> str:
@@ -59,9 +62,10 @@ def accept() -> Answer:
     return Answer("accept")
 
 
-def add_headers(*headers: str) -> Answer:
-    """Continue, with ``headers`` (each "Name: value", no line end) above the message."""
-    return Answer(headers=headers)
+def add_headers(*headers: str, removing: tuple[str, ...] = ()) -> Answer:
+    """Continue, with ``headers`` (each "Name: value", no line end) above the
+    message, after the message's own fields named in ``removing`` are dropped."""
+    return Answer(headers=headers, removed=tuple(name.lower() for name in removing))
 
 
 def reject(text: str, code: int = 550) -> Answer:
@@ -239,28 +243,28 @@ class Hooks:
         at once, so does this (no Deferred, no reactor turn); from the first
         plugin that returns a Deferred on, the answer is a Deferred."""
         arguments = (asked, *arguments)
-        headers: list[str] = []
+        kept: list[Answer] = []
         for position, plugin in enumerate(chain):
             answer = self._call(plugin, hook, arguments)
             if isinstance(answer, Deferred):
                 return Deferred.fromCoroutine(self._ask_the_rest(
-                    chain[position:], answer, hook, arguments, headers, asked.settings.plugintimeout))
-            decided = _decided(answer, headers)
+                    chain[position:], answer, hook, arguments, kept, asked.settings.plugintimeout))
+            decided = _decided(answer, kept)
             if decided is not None:
                 return decided
-        return add_headers(*headers) if headers else CONTINUE
+        return _combined(kept, CONTINUE)
 
     async def _ask_the_rest(self, chain: list[ISMTPPlugin], pending: Deferred, hook: str, arguments: tuple,
-                            headers: list[str], timeout: float) -> Answer:
+                            kept: list[Answer], timeout: float) -> Answer:
         """``chain[0]`` answered with ``pending``; wait for it, then ask the others."""
         for position, plugin in enumerate(chain):
             answer = pending if position == 0 else self._call(plugin, hook, arguments)
             if isinstance(answer, Deferred):
                 answer = await self._wait(plugin, hook, answer, timeout)
-            decided = _decided(answer, headers)
+            decided = _decided(answer, kept)
             if decided is not None:
                 return decided
-        return add_headers(*headers) if headers else CONTINUE
+        return _combined(kept, CONTINUE)
 
     def _call(self, plugin: ISMTPPlugin, hook: str, arguments: tuple) -> Answer | Deferred:
         try:
@@ -289,11 +293,19 @@ def _checked(plugin: ISMTPPlugin, hook: str, answer: object) -> Answer:
     return TROUBLE
 
 
-def _decided(answer: Answer, headers: list[str]) -> Answer | None:
-    """The final answer, or None to ask the next plugin (keeping its headers)."""
+def _decided(answer: Answer, kept: list[Answer]) -> Answer | None:
+    """The final answer, or None to ask the next plugin (keeping its header edits)."""
     if answer.kind == "continue":
-        headers.extend(answer.headers)
+        kept.append(answer)
         return None
     if answer.kind == "accept":
-        return replace(answer, headers=tuple(headers))
+        return _combined(kept, answer)
     return answer
+
+
+def _combined(kept: list[Answer], final: Answer) -> Answer:
+    """``final`` with the header edits of the "continue" answers before it, in order."""
+    if not kept:
+        return final
+    return replace(final, headers=tuple(header for answer in kept for header in answer.headers),
+                   removed=tuple(name for answer in kept for name in answer.removed))

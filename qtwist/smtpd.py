@@ -134,6 +134,25 @@ def too_many_hops(message: bytes) -> bool:
     return sum(1 for line in lines if line.startswith((b"received:", b"delivered-to:"))) >= MAX_HOPS
 
 
+def without_fields(message: bytes, names: tuple[str, ...]) -> bytes:
+    """``message`` (LF ends) without the header fields named ``names`` (lower
+    case), continuation lines included; the body is never touched."""
+    end = message.find(b"\n\n")
+    if end < 0 or not names or message.startswith(b"\n"):
+        return message
+    wanted = {name.encode("latin-1") for name in names}
+    kept, dropping = [], False
+    for line in message[:end + 1].split(b"\n")[:-1]:
+        if line[:1] in (b" ", b"\t"):
+            if not dropping:
+                kept.append(line)
+            continue
+        dropping = line.partition(b":")[0].strip().lower() in wanted
+        if not dropping:
+            kept.append(line)
+    return b"".join(line + b"\n" for line in kept) + message[end + 1:]
+
+
 class BareLF(Exception):
     """A line in the message data ended with LF alone."""
 
@@ -584,11 +603,14 @@ class SMTPServer(PipeliningServer):
             session = self._hook_session()
             session.sender, session.recipients = sender, list(recipients)
             return self._ask(chain, "data", (message,),
-                             lambda answer: self._queue(sender, recipients, message, answer.header_block),
+                             lambda answer: self._queue(sender, recipients, message, answer),
                              session=session)
         return self._queue(sender, recipients, message)
 
-    def _queue(self, sender: str, recipients: list, message: bytes, added: bytes = b"") -> Deferred:
+    def _queue(self, sender: str, recipients: list, message: bytes, edits: Answer | None = None) -> Deferred:
+        added = b""
+        if edits is not None:
+            message, added = without_fields(message, edits.removed), edits.header_block
         now = self.clock.seconds()
         protocol = self.protocol_name + ("S" if self.encrypted else "") + ("A" if self.auth_user else "")
         user = self.auth_user.address if self.auth_user is not None else ""

@@ -205,7 +205,11 @@ class Proxy:
             client.close()
             return
         with self._lock:
-            self._pairs.append((client, server))
+            if self._state != "cut":  # cut() may have come while the connection was made
+                self._pairs.append((client, server))
+                return
+        client.close()
+        server.close()
 
     def _pass_on(self, end: socket.socket) -> None:
         with self._lock:
