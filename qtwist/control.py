@@ -315,24 +315,18 @@ def _virtualdomains(where: str, entries: Entries) -> tuple[tuple[tuple[str, str]
     return tuple(pairs), errors
 
 
-def _smtproutes(where: str, entries: Entries) -> tuple[tuple[Route, ...], list[str]]:
-    routes, errors = [], []
-    for number, text in entries:
-        try:
-            routes.append(_route(text))
-        except ValueError as problem:
-            errors.append(f"{where}:{number}: {problem}")
-    return tuple(routes), errors
-
-
-def _simcontrol(where: str, entries: Entries) -> tuple[tuple[SimRule, ...], list[str]]:
-    rules, errors = [], []
-    for number, text in entries:
-        try:
-            rules.append(_sim_rule(text))
-        except ValueError as problem:
-            errors.append(f"{where}:{number}: {problem}")
-    return tuple(rules), errors
+def _per_line(parse: Callable[[str], Any]) -> Parser:
+    """A parser of one entry a line: a line ``parse`` refuses (ValueError) is
+    reported with its number and left out, the others kept in order."""
+    def parser(where: str, entries: Entries) -> tuple[tuple[Any, ...], list[str]]:
+        values, errors = [], []
+        for number, text in entries:
+            try:
+                values.append(parse(text))
+            except ValueError as problem:
+                errors.append(f"{where}:{number}: {problem}")
+        return tuple(values), errors
+    return parser
 
 
 def _sim_rule(text: str) -> SimRule:
@@ -462,7 +456,7 @@ CONTROLS: tuple[Control, ...] = (
     Control("pop3concurrencyperip", "pop3concurrencyperip", _number,
             "POP3 connections at once from one address (IPv6: a /64); 0: no limit"),
     Control("helohost", "helohost", _first_line, "the name given in EHLO/HELO to remote servers; default: me"),
-    Control("smtproutes", "smtproutes", _smtproutes,
+    Control("smtproutes", "smtproutes", _per_line(_route),
             "DOMAIN:RELAY[:PORT] lines: where mail for DOMAIN goes instead of its MX; ':RELAY' for all"),
     Control("spfbehavior", "spfbehavior", _number,
             "the spf plugin's strictness, 0 (off) to 6, as the qmail SPF patch reads it"),
@@ -493,7 +487,7 @@ CONTROLS: tuple[Control, ...] = (
             "where the spamassassin plugin finds spamd: HOST:PORT or a unix socket's path"),
     Control("clamdserver", "clamdserver", _first_line,
             "where the clamav plugin finds clamd: HOST:PORT or a unix socket's path"),
-    Control("simcontrol", "simcontrol", _simcontrol,
+    Control("simcontrol", "simcontrol", _per_line(_sim_rule),
             "simscan's KEY:clam=yes,spam=yes,spam_hits=N,attach=.exe:.scr lines; KEY an address, domain or ''"),
     Control("spamsizelimit", "spamsizelimit", _number,
             "messages larger than this (bytes) skip the spam check, as spamc's limit"),
