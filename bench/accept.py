@@ -22,13 +22,13 @@ same run; with chkuser, every RCPT asks the user store:
     python bench/accept.py --repeat 3 --plugins chkuser --userdb mysql://root@127.0.0.1/qtwist_bench \
         --userdb postgresql://postgres@127.0.0.1/qtwist_bench
 
-Spam and virus scanning through Debian's spamd and clamd (started on
-loopback ports, clamd with a one-signature database): runs with the
-spamassassin and clamav plugins against runs without, and the CPU of the
-server apart from the daemons':
+Spam and virus scanning: naming the spamassassin or clamav plugin starts
+Debian's spamd and clamd on loopback ports (clamd with a one-signature
+database) and compares runs with the scanners against runs without, with the
+CPU of the server apart from the daemons':
 
-    python bench/accept.py --scan --repeat 3
-    python bench/accept.py --scan clamav        # one scanner only
+    python bench/accept.py --repeat 3 --messages 300 --plugins spamassassin,clamav
+    python bench/accept.py --repeat 3 --plugins clamav      # one scanner only
 
 Everything stays on 127.0.0.1; the run is bounded by --max-seconds.
 Work files go to a fresh directory under --work (default: a temporary
@@ -60,6 +60,8 @@ from tests.support.dns import ZoneServer  # noqa: E402
 from tests.support.waiting import free_port, listening, poll  # noqa: E402
 
 BIN = Path(sys.executable).parent
+# The plugins whose runs need spamd and clamd, and are compared with runs without them.
+SCANNERS = ("spamassassin", "clamav")
 
 
 def tool(name: str) -> str:
@@ -154,23 +156,23 @@ def main() -> int:
                              "beside a run with vpasswd files, and compare")
     parser.add_argument("--repeat", type=int, default=1,
                         help="runs of each variant, in rotating order; the comparison takes medians")
-    parser.add_argument("--scan", nargs="?", const="spamassassin,clamav", default=None, metavar="PLUGINS",
-                        help="start spamd and clamd (Debian's) on loopback ports and compare runs with these "
-                             "scanning plugins (default: spamassassin,clamav) against runs without")
     args = parser.parse_args()
 
     # (label, userdb, plugins) of each variant; the first is the baseline.
     plugins = [name for name in args.plugins.split(",") if name]
     variants = [("vpasswd", None, plugins)] + [(_without_password(url), url, plugins) for url in args.userdb]
+    scanners = [name for name in plugins if name in SCANNERS]
     daemons = []
-    if args.scan:
+    if scanners:
+        if args.userdb:
+            parser.error("compare either user stores (--userdb) or scanning (--plugins clamav,spamassassin)")
         from tests.support.daemons import clamd, spamd
 
         work = Path(tempfile.mkdtemp(prefix="qtwist-bench-daemons-", dir=args.work))
         daemons = [spamd(work / "spamd").start(), clamd(work / "clamd").start()]
         args.control += [f"spamdserver={daemons[0].address}", f"clamdserver={daemons[1].address}"]
-        variants = [("scanning off", None, plugins),
-                    (f"scanning on ({args.scan})", None, plugins + args.scan.split(","))]
+        variants = [("scanning off", None, [name for name in plugins if name not in SCANNERS]),
+                    (f"scanning on ({','.join(scanners)})", None, plugins)]
     results: dict[str, list[Run]] = {label: [] for label, _, _ in variants}
     try:
         for repeat in range(args.repeat):

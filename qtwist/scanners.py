@@ -16,10 +16,9 @@ import struct
 from dataclasses import dataclass
 
 from twisted.internet.defer import Deferred
-from twisted.internet.endpoints import (HostnameEndpoint, TCP4ClientEndpoint, TCP6ClientEndpoint,
-                                        UNIXClientEndpoint, connectProtocol)
+from twisted.internet.endpoints import HostnameEndpoint, TCP4ClientEndpoint, TCP6ClientEndpoint, UNIXClientEndpoint
 from twisted.internet.interfaces import IStreamClientEndpoint
-from twisted.internet.protocol import Protocol
+from twisted.internet.protocol import Factory, Protocol
 from twisted.python.failure import Failure
 
 from qtwist.numbers import decimal
@@ -94,7 +93,8 @@ class _Exchange(Protocol):
 
 async def _exchange(reactor, address: str, request: bytes | list[bytes], timeout: float) -> bytes:
     protocol = _Exchange(request)
-    connecting = connectProtocol(endpoint_for(reactor, address, timeout), protocol)
+    # (connectProtocol would define a factory class for every message.)
+    connecting = endpoint_for(reactor, address, timeout).connect(Factory.forProtocol(lambda: protocol))
     try:
         await connecting
     except Exception as error:

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from email.parser import BytesParser
 
 from twisted.internet.defer import Deferred
+from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 
 from qtwist.control import Settings
@@ -109,18 +110,22 @@ class ClamAV(Plugin):
 
     def data(self, session: Session, message: bytes) -> Answer | Deferred:
         policy = scan_policy(session.settings, session.recipients)
+        if not (policy.clam or policy.attach):
+            return CONTINUE
+        return Deferred.fromCoroutine(self._scan(session, message, policy))
+
+    async def _scan(self, session: Session, message: bytes, policy: ScanPolicy) -> Answer:
+        settings = session.settings
         if policy.attach:
-            for name in attachment_names(message):
+            # Walking a large message's MIME takes a while: not on the reactor's thread.
+            reactor = session.context.clock
+            for name in await deferToThreadPool(reactor, reactor.getThreadPool(), attachment_names, message):
                 if any(name.lower().endswith(extension) for extension in policy.attach):
                     log.info("clamav: attachment {name!r} refused ({envelope})", name=name,
                              envelope=_envelope(session))
                     return reject(f"5.7.1 sorry, attachments named like {name!r} are refused here", 554)
         if not policy.clam:
             return CONTINUE
-        return Deferred.fromCoroutine(self._scan(session, message))
-
-    async def _scan(self, session: Session, message: bytes) -> Answer:
-        settings = session.settings
         try:
             virus = await clamd_scan(session.context.clock, settings.clamdserver, message, _timeout(settings))
         except TooLarge as error:
@@ -130,6 +135,7 @@ class ClamAV(Plugin):
         except ScanError as error:
             return _daemon_failed(session, "clamav", error)
         if virus is None:
+            log.info("clamav: clean ({envelope})", envelope=_envelope(session))
             return CONTINUE
         log.info("clamav: virus {virus} refused ({envelope})", virus=virus, envelope=_envelope(session))
         return reject(f"5.7.1 sorry, the message contains a virus ({virus})", 554)
@@ -145,6 +151,8 @@ class SpamAssassin(Plugin):
         if not policy.spam or (settings.spamskiprelay and session.may_relay):
             return CONTINUE
         if len(message) > settings.spamsizelimit:
+            log.info("spamassassin: not checked, {size} bytes are over spamsizelimit ({envelope})",
+                     size=len(message), envelope=_envelope(session))
             return add_headers(f"{SKIPPED}: spam check skipped, the message is over spamsizelimit "
                                f"({settings.spamsizelimit} bytes)", removing=SPAM_FIELDS)
         return Deferred.fromCoroutine(self._check(session, message, policy))

@@ -4,10 +4,10 @@
 from __future__ import annotations
 
 from qtwist.control import SimRule, Settings, _per_line, _sim_rule
-
-_simcontrol = _per_line(_sim_rule)
 from qtwist.plugins.scanning import ScanPolicy, attachment_names, scan_policy
 from qtwist.smtpd import without_fields
+
+_simcontrol = _per_line(_sim_rule)
 
 
 def settings(text: str) -> Settings:
